@@ -1,0 +1,21 @@
+"""dlbjax: DLBacktrace relevance propagation for PyTorch and Hugging Face models, compiled with JAX.
+
+>>> import dlbjax
+>>> e = dlbjax.explain(model, x)              # relevance at every input, prediction, conservation
+>>> explainer = dlbjax.Explainer(model, x)    # import and compile once
+>>> explainer.batch(dataset)                  # a whole dataset with jax.vmap
+
+The algorithm is the DLBacktrace rule set (arXiv 2411.12643) in default and contrastive mode as
+restated in the project's specification; see README.md for the supported models and operators.
+"""
+
+from ._errors import (DLBJaxError, ExportError, InputMismatchError, InvalidProgramError,
+                      NonFiniteError, TargetError, UnsupportedOp, UnsupportedOperationError)
+from ._explain import Conservation, Explainer, Explanation, explain
+from .rules import Streams
+
+__version__ = "0.1.0"
+
+__all__ = ["explain", "Explainer", "Explanation", "Conservation", "Streams", "DLBJaxError",
+           "UnsupportedOperationError", "UnsupportedOp", "InputMismatchError", "ExportError",
+           "InvalidProgramError", "TargetError", "NonFiniteError", "__version__"]

@@ -1,0 +1,66 @@
+"""Typed exceptions raised by dlbjax.
+
+Every failure that would otherwise turn into a silently wrong explanation is one of these, with a
+message that says what was wrong and what to do about it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class DLBJaxError(Exception):
+    """Base class of every error dlbjax raises on purpose."""
+
+
+@dataclass(frozen=True)
+class UnsupportedOp:
+    """One operation of a model that dlbjax cannot explain (or cannot run)."""
+
+    op: str
+    module_path: str
+    module_type: str
+    hint: str
+
+    def __str__(self) -> str:
+        where = self.module_path or "<top-level forward>"
+        kind = f" ({self.module_type})" if self.module_type else ""
+        return f"{self.op} in module '{where}'{kind}: {self.hint}"
+
+
+class UnsupportedOperationError(DLBJaxError, NotImplementedError):
+    """The model contains operations without a forward lowering or a relevance rule.
+
+    ``ops`` lists every such operation (each op once per module it occurs in), so a user sees the
+    whole list at import time rather than one failure at a time.
+    """
+
+    def __init__(self, ops: list[UnsupportedOp]):
+        self.ops = list(ops)
+        lines = "\n".join(f"  - {o}" for o in self.ops)
+        super().__init__(
+            f"dlbjax cannot explain this model: {len(self.ops)} unsupported operation(s):\n{lines}\n"
+            "Each relevance-carrying op needs a rule in dlbjax.rules (see the supported-ops table in "
+            "README.md); rewrite the listed code with supported layers, or register a rule with "
+            "dlbjax.rules.register."
+        )
+
+
+class InputMismatchError(DLBJaxError, ValueError):
+    """Inputs whose number, names, shapes or dtypes differ from the example inputs."""
+
+
+class ExportError(DLBJaxError, RuntimeError):
+    """torch.export could not capture the model's forward as a static graph."""
+
+
+class InvalidProgramError(DLBJaxError, ValueError):
+    """An IR program that is malformed (undefined variables, shape/dtype inconsistencies, ...)."""
+
+
+class TargetError(DLBJaxError, ValueError):
+    """A target outside the model output, or a seed that cannot be built for the task."""
+
+
+class NonFiniteError(DLBJaxError, ValueError):
+    """NaN or infinite values in the inputs or the model's parameters."""

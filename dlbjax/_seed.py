@@ -1,0 +1,133 @@
+"""Seeding: where relevance starts, per task and mode (spec §1.3 canonical, §8.4, §8.5).
+
+Tasks:
+
+* ``"classification"`` (multi-class; also a two-logit binary head): the target is the argmax of
+  the output row or the given class. Default mode seeds ``multiplier`` (value 1 x M) at the target,
+  never the output value or the logit (§8.4). Contrastive: p = softmax(logits) (or the output
+  itself when the graph ends in a softmax), R+ = M p_t at t, R- = M p_k at every k != t (§8.5).
+* ``"binary"`` (one logit): seeded at index 0 whatever its sign; default M there; contrastive
+  R+ = M sigma(o), R- = M (1 - sigma(o)) at index 0 (no second sigmoid when the graph ends in one).
+* ``"regression"``: the chosen output indices S (default: all) each get M / |S| (§1.3 canonical).
+  Contrastive mode is not defined for regression and raises.
+
+Each row is seeded independently and its seed sums to M (§1.3 "Batch").
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._errors import TargetError
+
+__all__ = ["resolve_task", "seed_fn", "check_targets", "TASK_ALIASES"]
+
+TASK_ALIASES = {
+    "auto": "auto",
+    "classification": "classification",
+    "multi-class classification": "classification",
+    "multiclass": "classification",
+    "multi-class": "classification",
+    "image-classification": "classification",
+    "tabular-classification": "classification",
+    "text-classification": "classification",
+    "binary": "binary",
+    "binary-classification": "binary",
+    "regression": "regression",
+    "bbox-regression": "regression",
+}
+
+
+def resolve_task(task: str, out_shape: tuple, batch_axis) -> str:
+    """The canonical task for an explained output of per-row shape ``out_shape``."""
+    if not isinstance(task, str) or task.lower() not in TASK_ALIASES:
+        raise TargetError(f"unknown task {task!r}; use one of {sorted(set(TASK_ALIASES))}")
+    task = TASK_ALIASES[task.lower()]
+    row = out_shape[1:] if batch_axis == 0 and len(out_shape) >= 1 else out_shape
+    size = int(np.prod(row, dtype=np.int64))
+    big_dims = [d for d in row if d != 1]
+    if task == "auto":
+        if size == 1:
+            return "binary"
+        if len(big_dims) <= 1:
+            return "classification"
+        raise TargetError(
+            f"cannot infer the task for an output of shape {out_shape}: pass task='regression' with "
+            "target indices into the flattened output row")
+    if task == "binary" and size != 1:
+        return "classification"  # a two-logit binary head is a two-class classifier
+    if task == "classification" and len(big_dims) > 1:
+        raise TargetError(f"classification needs one class axis; the output row has shape {row}")
+    return task
+
+
+def check_targets(task: str, target, n_rows: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Validate ``target`` on the host; returns (per-row class indices, per-row selection mask).
+
+    Class index -1 means "argmax of the output". The selection mask is used for regression.
+    """
+    classes = np.full((n_rows,), -1, np.int32)
+    select = np.zeros((n_rows, size), np.float32)
+    if task == "regression":
+        if target is None:
+            select[:] = 1.0
+            return classes, select
+        idx = np.asarray(target)
+        if idx.dtype.kind not in "iu":
+            raise TargetError(f"regression targets must be integer output indices, got {idx.dtype}")
+        if idx.ndim == 0:
+            idx = idx.reshape(1)
+        if idx.size == 0:
+            raise TargetError("regression target selects no output")
+        if idx.min() < 0 or idx.max() >= size:
+            raise TargetError(f"regression target {idx.tolist()} is outside the output (size {size})")
+        select[:, np.unique(idx)] = 1.0
+        return classes, select
+    if target is None:
+        if task == "binary":
+            classes[:] = 0
+        return classes, select
+    t = np.asarray(target)
+    if t.dtype.kind not in "iu":
+        raise TargetError(f"target must be an int or one int per row, got {t.dtype}")
+    if t.ndim == 0:
+        t = np.full((n_rows,), int(t))
+    if t.shape != (n_rows,):
+        raise TargetError(f"target must be an int or one int per row ({n_rows} rows), got shape "
+                          f"{t.shape}")
+    hi = 1 if task == "binary" else size
+    bad = (t < 0) | (t >= hi)
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise TargetError(f"target {int(t[row])} (row {row}) is outside the output: valid classes "
+                          f"are 0..{hi - 1}")
+    return t.astype(np.int32), select
+
+
+def seed_fn(task: str, contrastive: bool, multiplier: float, head, target, select):
+    """A function prediction -> (seeds per stream, target) for one row (traced under jit)."""
+
+    def fn(pred):
+        flat = pred.reshape(-1).astype(jnp.float32)
+        size = flat.shape[0]
+        M = jnp.float32(multiplier)
+        if task == "regression":
+            seed = M * select / jnp.sum(select)
+            return (seed.reshape(pred.shape),), jnp.int32(-1)
+        if task == "binary":
+            if not contrastive:
+                return (jnp.full(pred.shape, M),), jnp.int32(0)
+            p = flat[0] if head == "sigmoid" else jax.nn.sigmoid(flat[0])
+            return ((M * p).reshape(pred.shape), (M * (1 - p)).reshape(pred.shape)), jnp.int32(0)
+        t = jnp.where(target >= 0, target, jnp.argmax(flat)).astype(jnp.int32)
+        onehot = (jnp.arange(size) == t).astype(jnp.float32)
+        if not contrastive:
+            return ((M * onehot).reshape(pred.shape),), t
+        p = flat if head == "softmax" else jax.nn.softmax(flat)
+        pos = M * p * onehot
+        neg = M * p * (1 - onehot)
+        return (pos.reshape(pred.shape), neg.reshape(pred.shape)), t
+
+    return fn

@@ -1,0 +1,42 @@
+"""PyTorch -> dlbjax IR: ``torch.export`` capture, ATen decomposition that keeps layers whole, and
+translation into :class:`dlbjax.ir.Program`.
+
+>>> from dlbjax.importers import import_model
+>>> program, bound = import_model(model, example_inputs)
+>>> print(program)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ._bind import BoundInputs, bind_inputs
+from ._export import KEEP_WHOLE, decomposition_table, eval_copy, export_model
+from ._translate import tensor_to_numpy, torch_dtype_name, translate
+
+__all__ = ["import_model", "import_bound", "bind_inputs", "BoundInputs", "export_model", "translate",
+           "decomposition_table", "KEEP_WHOLE", "eval_copy", "tensor_to_numpy", "torch_dtype_name"]
+
+
+def import_model(model: torch.nn.Module, inputs: Any):
+    """Export ``model`` on ``inputs`` and translate it. Returns ``(program, bound_inputs)``.
+
+    The model is never modified: a model (or any submodule) in training mode is exported from an
+    eval-mode deep copy.
+    """
+    bound = bind_inputs(_check_module(model), inputs)
+    return import_bound(model, bound), bound
+
+
+def import_bound(model: torch.nn.Module, bound: BoundInputs):
+    """Export and translate with inputs already bound (see :func:`bind_inputs`)."""
+    ep = export_model(_check_module(model), bound.args, bound.kwargs)
+    return translate(ep, bound.names)
+
+
+def _check_module(model):
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    return model

@@ -1,0 +1,151 @@
+"""Dense and convolution rules (spec §2.1-2.6, §3.2-3.5, §4.1, §8.1-8.3).
+
+Every op here is an affine map ``y = L_W(x) + b`` of one relevance-carrying operand x with a
+constant weight W: ``linear``, ``addmm``/``mm``/``bmm``/``matmul`` with a parameter operand,
+convolutions of any stride, padding, dilation and groups, and transposed convolutions. Each output
+element is one DLB unit with contributions z_i = W_i x_i and bias b.
+
+Default (§2.1): R_i = sum_j R_j (g+_j [z_ji>0] + g-_j [z_ji<0]) |z_ji| / (g+_j P_j + g-_j N_j + |b_j|),
+the gates g from the activation that directly and solely consumes y (§8.1; ReLU's bound 0 gates,
+§8.2; conv gates on its own T = P - N + b and renormalises, §8.3). The bias keeps R_j |b_j| / D_j,
+which is dropped from the explanation and reported in the conservation totals (§2.5).
+
+Contrastive (§3.2): the larger stream goes to the contributors whose sign matches sign(T), the
+smaller to the others; one-sided units send both streams to the only side; no gating, no bias share.
+
+Both are computed in the sign-split GEMM form (§2.6): P and N from two forward products of
+[x+, x-] with W+ and W-, and the input relevance from two transposed products; the transposes are
+``jax.linear_transpose`` of the op itself, so every conv variant is exact by construction.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from .._lowering import HIGHEST, conv_nd, conv_transpose_nd
+from ._math import linear_operator_rule
+from ._registry import carried, register
+
+__all__ = []
+
+
+def _matmul(x, w):
+    return jnp.matmul(x, w, precision=HIGHEST)
+
+
+def _rmatmul(x, w):
+    return jnp.matmul(w, x, precision=HIGHEST)
+
+
+def _linear_lin(x, w):
+    return jnp.matmul(x, w.T, precision=HIGHEST)
+
+
+def _channel_bias(bias, weight, out):
+    """Per-channel bias broadcast to every output position (the channel axis precedes the
+    ``weight.ndim - 2`` spatial axes, batched or not)."""
+    if bias is None:
+        return None
+    return jnp.broadcast_to(bias.reshape((-1,) + (1,) * (weight.ndim - 2)), out.shape)
+
+
+def _run(ctx, R, nargs, pos, lin, x, w, b):
+    rel, kept = linear_operator_rule(lin, x, w, b, R, ctx.options.contrastive, ctx.gate)
+    if kept is not None:
+        ctx.absorb(jnp.sum(kept))
+    out = [None] * nargs
+    out[pos] = rel
+    return tuple(out)
+
+
+def _only_first(carries):
+    if any(carried(c) for c in carries[1:]):
+        return ("the weight or bias carries relevance (an input-dependent weight); only a constant "
+                "weight is supported here")
+    return None
+
+
+def _one_of_two(carries):
+    a, b = carried(carries[0]), carried(carries[1])
+    if a and b:
+        return ("both operands carry relevance (a product of two activations); the bilinear rule "
+                "of spec §4.11 is not implemented for this op yet")
+    return None
+
+
+# ---- linear ------------------------------------------------------------------------------------
+def _linear(ctx, R, input, weight, bias=None):
+    b = None if bias is None else jnp.broadcast_to(bias, ctx.out.shape)
+    return _run(ctx, R, 3, 0, _linear_lin, input, weight, b)
+
+
+register("aten.linear.default", default=_linear, contrastive=_linear, affine=True,
+         check=_only_first, section="§2.1, §3.2")
+
+
+# ---- addmm / mm / bmm / matmul with one constant operand ---------------------------------------
+def _addmm(ctx, R, self, mat1, mat2, *, beta=1, alpha=1):
+    b = jnp.broadcast_to(self * beta, ctx.out.shape)
+    if ctx.carrying(1):
+        return _run(ctx, R, 3, 1, _matmul, mat1, mat2 * alpha, b)
+    return _run(ctx, R, 3, 2, _rmatmul, mat2, mat1 * alpha, b)
+
+
+def _addmm_check(carries):
+    if carried(carries[0]):
+        return "the added term of addmm carries relevance; only a constant bias is supported"
+    return _one_of_two(carries[1:])
+
+
+register("aten.addmm.default", default=_addmm, contrastive=_addmm, affine=True, check=_addmm_check,
+         section="§2.1, §3.2")
+
+
+def _mm(ctx, R, self, other):
+    if ctx.carrying(0):
+        return _run(ctx, R, 2, 0, _matmul, self, other, None)
+    return _run(ctx, R, 2, 1, _rmatmul, other, self, None)
+
+
+register("aten.mm.default", "aten.bmm.default", "aten.matmul.default", default=_mm, contrastive=_mm,
+         affine=True, check=_one_of_two, section="§2.1, §3.2")
+
+
+# ---- convolutions -----------------------------------------------------------------------------
+def _convolution(ctx, R, input, weight, bias, stride, padding, dilation, transposed, output_padding,
+                 groups):
+    if transposed:
+        def lin(x, w):
+            return conv_transpose_nd(x, w, stride, padding, output_padding, groups, dilation)
+    else:
+        def lin(x, w):
+            return conv_nd(x, w, stride, padding, dilation, groups)
+    return _run(ctx, R, 9, 0, lin, input, weight, _channel_bias(bias, weight, ctx.out))
+
+
+register("aten.convolution.default", default=_convolution, contrastive=_convolution, affine=True,
+         check=_only_first, section="§2.6, §4.1, §8.3")
+
+
+def _conv(ctx, R, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    def lin(x, w):
+        return conv_nd(x, w, stride, padding, dilation, groups)
+    return _run(ctx, R, 7, 0, lin, input, weight, _channel_bias(bias, weight, ctx.out))
+
+
+register("aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default",
+         "aten.conv1d.padding", "aten.conv2d.padding", "aten.conv3d.padding",
+         default=_conv, contrastive=_conv, affine=True, check=_only_first,
+         section="§2.6, §4.1, §8.3")
+
+
+def _conv_transpose(ctx, R, input, weight, bias=None, stride=1, padding=0, output_padding=0,
+                    groups=1, dilation=1):
+    def lin(x, w):
+        return conv_transpose_nd(x, w, stride, padding, output_padding, groups, dilation)
+    return _run(ctx, R, 8, 0, lin, input, weight, _channel_bias(bias, weight, ctx.out))
+
+
+register("aten.conv_transpose1d.default", "aten.conv_transpose2d.input",
+         "aten.conv_transpose3d.input", default=_conv_transpose, contrastive=_conv_transpose,
+         affine=True, check=_only_first, section="§2.6, §4.1")
