@@ -160,10 +160,16 @@ class Explainer:
         self._check_constants()
         self.explained = self._output_index(output)
         out_var = program.outputs[self.explained]
-        self.task = resolve_task(task, out_var.shape, 0 if batch_axis == 0 else None)
-        if self.task == "regression" and self.options.contrastive:
-            raise TargetError("contrastive mode needs competing classes; it is not defined for "
-                              "regression outputs (use mode='default')")
+        # the task is needed to build seeds; an unresolvable task only fails when seeds are built
+        # (relevance_function with explicit seeds works for any output)
+        self._task_error = None
+        try:
+            self.task = resolve_task(task, out_var.shape, 0 if batch_axis == 0 else None)
+            if self.task == "regression" and self.options.contrastive:
+                raise TargetError("contrastive mode needs competing classes; it is not defined for "
+                                  "regression outputs (use mode='default')")
+        except TargetError as exc:
+            self.task, self._task_error = None, exc
         self._out_size = int(np.prod(out_var.shape, dtype=np.int64))
         self._consts = constants_to_jax(program)
         self.trace_count = 0
@@ -199,6 +205,30 @@ class Explainer:
                                  explained=self.explained, layers=self.layers)
 
         return jax.vmap(row)(inputs, classes, select)
+
+    @property
+    def constants(self) -> dict:
+        """The model's parameters, buffers and lifted constants as JAX arrays, by name."""
+        return dict(self._consts)
+
+    def relevance_function(self):
+        """The relevance pass of one example as a pure JAX function ``f(consts, inputs, seeds)``.
+
+        ``inputs``: one array per model input in the example's row layout (``[1, ...]`` with
+        ``batch_axis=0``), ordered as ``self.input_names``; ``seeds``: one array of the explained
+        output's per-row shape per stream (two in contrastive mode). Returns the same dict as the
+        compiled pass (``relevance``, ``absorbed``, ``seed``, ``prediction``, ...). It composes
+        with ``jax.jit``, ``jax.vmap`` and ``jax.grad``-free transformations like any JAX function.
+        """
+        program, an, opts = self.program, self.analysis, self.options
+
+        def f(consts, inputs, seeds):
+            def fixed(pred):
+                return tuple(seeds), jnp.int32(-1)
+            return relevance_row(program, an, opts, consts, tuple(inputs), fixed,
+                                 explained=self.explained, layers=self.layers)
+
+        return f
 
     # ---- inputs --------------------------------------------------------------------------------
     def _to_rows(self, inputs: Any) -> tuple[tuple, int]:
@@ -266,7 +296,12 @@ class Explainer:
                        for a, spec in zip(arrays, self._row_specs))
         return self._fn(self._consts, inputs, jnp.asarray(classes), jnp.asarray(select))
 
+    def _check_task(self) -> None:
+        if self._task_error is not None:
+            raise self._task_error
+
     def __call__(self, inputs: Any, target: Any = None) -> Explanation:
+        self._check_task()
         arrays, n = self._to_rows(inputs)
         classes, select = check_targets(self.task, target, n, self._out_size)
         raw = jax.device_get(self._run(arrays, classes, select))
@@ -279,6 +314,7 @@ class Explainer:
         Every chunk has the same shape (the last is padded and trimmed), so the pass compiles once.
         Equals a Python loop of ``explainer(row)`` over the rows.
         """
+        self._check_task()
         arrays, n = self._to_rows(data)
         classes, select = check_targets(self.task, target, n, self._out_size)
         size = max(1, min(int(batch_size), n))

@@ -22,6 +22,7 @@ import numpy as np
 
 from ._errors import InvalidProgramError, UnsupportedOp, UnsupportedOperationError
 from ._interpret import call_lowering, missing_lowerings, substitute
+from ._dtypes import relevance_dtype
 from ._lowering import jnp_dtype
 from .ir import Eqn, Program, Var, iter_vars
 from .rules import PER_STREAM, GateSpec, Options, RuleContext, Streams, get_rule
@@ -246,7 +247,7 @@ def _call_rule(rule, options: Options, ctx_args: dict, R, args, kwargs):
 
 
 def _total(amounts):
-    return sum((jnp.sum(a) for a in amounts), jnp.zeros((), jnp.float32))
+    return sum((jnp.sum(a) for a in amounts), jnp.zeros((), relevance_dtype()))
 
 
 def _zip_streams(a, b):
@@ -285,7 +286,7 @@ def _relevance_call(eqn: Eqn, index: int, env: dict, an: Analysis, options: Opti
                 flat_out.append(o)
             elif t:
                 flat_out.append(o)
-                flat_out.extend(jnp.zeros(o.shape, jnp.float32) for _ in range(n_streams))
+                flat_out.extend(jnp.zeros(o.shape, relevance_dtype()) for _ in range(n_streams))
             else:
                 flat_out.extend([o] * n_streams)
         return tuple(flat_out)
@@ -308,7 +309,7 @@ def _relevance_call(eqn: Eqn, index: int, env: dict, an: Analysis, options: Opti
                 continue
             if t:
                 k += 1
-            streams = [jnp.asarray(cts[k + s], jnp.float32) if t else cts[k + s]
+            streams = [jnp.asarray(cts[k + s], relevance_dtype()) if t else cts[k + s]
                        for s in range(n_streams)]
             k += n_streams
             R_out.append(streams[0] if n_streams == 1 else Streams(*streams))
@@ -381,11 +382,11 @@ def relevance_row(program: Program, an: Analysis, options: Options, consts: dict
             if v.is_float:
                 float_in[v.name] = tuple(x for _ in range(S))
             else:
-                token_in[v.name] = tuple(jnp.zeros(v.shape, jnp.float32) for _ in range(S))
+                token_in[v.name] = tuple(jnp.zeros(v.shape, relevance_dtype()) for _ in range(S))
     tap_vars = [o for e in program.eqns for o in e.outputs if o in an.carries and o.is_float] \
         if layers else []
     taps = {v.name: tuple(jnp.zeros(v.shape, jnp_dtype(v.dtype)) for _ in range(S)) for v in tap_vars}
-    sink = jnp.zeros((S,), jnp.float32)
+    sink = jnp.zeros((S,), relevance_dtype())
     tap_set = {v.name for v in tap_vars}
 
     def fwd(float_in, token_in, sink, taps):
@@ -443,7 +444,7 @@ def relevance_row(program: Program, an: Analysis, options: Options, consts: dict
         elif v.name in g_token:
             relevance[v.name] = tuple(g_token[v.name])
         else:
-            relevance[v.name] = tuple(jnp.zeros(v.shape, jnp.float32) for _ in range(S))
+            relevance[v.name] = tuple(jnp.zeros(v.shape, relevance_dtype()) for _ in range(S))
     seed_total = jnp.stack([jnp.sum(s) for s in seeds])
     result = {
         "outputs": tuple(o[0] if v in an.carries else o for v, o in zip(program.outputs, outs)),

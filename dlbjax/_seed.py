@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._errors import TargetError
+from ._dtypes import relevance_dtype
 
 __all__ = ["resolve_task", "seed_fn", "check_targets", "TASK_ALIASES"]
 
@@ -110,11 +111,13 @@ def seed_fn(task: str, contrastive: bool, multiplier: float, head, target, selec
     """A function prediction -> (seeds per stream, target) for one row (traced under jit)."""
 
     def fn(pred):
-        flat = pred.reshape(-1).astype(jnp.float32)
+        dt = relevance_dtype()
+        flat = pred.reshape(-1).astype(dt)
         size = flat.shape[0]
-        M = jnp.float32(multiplier)
+        M = jnp.asarray(multiplier, dt)
+        select_ = jnp.asarray(select, dt)
         if task == "regression":
-            seed = M * select / jnp.sum(select)
+            seed = M * select_ / jnp.sum(select_)
             return (seed.reshape(pred.shape),), jnp.int32(-1)
         if task == "binary":
             if not contrastive:
@@ -122,7 +125,7 @@ def seed_fn(task: str, contrastive: bool, multiplier: float, head, target, selec
             p = flat[0] if head == "sigmoid" else jax.nn.sigmoid(flat[0])
             return ((M * p).reshape(pred.shape), (M * (1 - p)).reshape(pred.shape)), jnp.int32(0)
         t = jnp.where(target >= 0, target, jnp.argmax(flat)).astype(jnp.int32)
-        onehot = (jnp.arange(size) == t).astype(jnp.float32)
+        onehot = (jnp.arange(size) == t).astype(dt)
         if not contrastive:
             return ((M * onehot).reshape(pred.shape),), t
         p = flat if head == "softmax" else jax.nn.softmax(flat)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from .._dtypes import relevance_dtype
 from .._lowering import LOWERINGS
 from ._registry import register
 
@@ -46,7 +47,7 @@ def route(ctx, R, *args, **kwargs):
     for p in paths:
         v = _get(args, p)
         # integer token ids are routed through a float stand-in of the same shape (linear op)
-        points.append(v if jnp.issubdtype(v.dtype, jnp.floating) else jnp.zeros(v.shape, jnp.float32))
+        points.append(v if jnp.issubdtype(v.dtype, jnp.floating) else jnp.zeros(v.shape, relevance_dtype()))
 
     def f(*vals):
         new = [list(a) if isinstance(a, (list, tuple)) else a for a in args]
