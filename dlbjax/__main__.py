@@ -8,6 +8,7 @@ with :func:`dlbjax._training.fit`, prints its test accuracy, explains a few test
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Optional, Sequence
@@ -31,7 +32,8 @@ def build_cnn(seed: int = 0):
 
 
 def load_digits_split(seed: int = 0, test_fraction: float = 0.2):
-    """scikit-learn's digits as float32 ``[N, 1, 8, 8]`` in [0, 1], split by a seeded permutation."""
+    """scikit-learn's digits as float32 ``[N, 1, 8, 8]`` in [0, 1], split by a seeded
+    permutation into ``(X_train, y_train, X_test, y_test)``."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -43,28 +45,35 @@ def load_digits_split(seed: int = 0, test_fraction: float = 0.2):
     return X[train], y[train], X[test], y[test]
 
 
-def _figure(images, relevance, pred, labels, path):
+def _figure(images, relevance, pred, labels, path, pairs_per_row: int = 3):
+    """Each digit with its relevance heatmap to its right, ``pairs_per_row`` pairs per row."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     n = len(images)
-    fig, axes = plt.subplots(2, n, figsize=(1.9 * n, 4.2), squeeze=False)
-    for i in range(n):
-        ax = axes[0, i]
-        ax.imshow(images[i], cmap="gray_r", vmin=0, vmax=1)
-        ax.set_title(f"label {labels[i]}\npred {pred[i]}", fontsize=9,
-                     color="black" if pred[i] == labels[i] else "red")
+    rows = -(-n // pairs_per_row)
+    fig, axes = plt.subplots(rows, 2 * pairs_per_row, squeeze=False,
+                             figsize=(4.0 * pairs_per_row, 2.3 * rows + 0.5))
+    for ax in axes.ravel():
         ax.axis("off")
-        ax = axes[1, i]
+    for i in range(n):
+        r_, c_ = divmod(i, pairs_per_row)
+        ax = axes[r_, 2 * c_]
+        ax.imshow(images[i], cmap="gray_r", vmin=0, vmax=1)
+        ax.set_title(f"label {labels[i]}, pred {pred[i]}", fontsize=9,
+                     color="black" if pred[i] == labels[i] else "red")
+        ax = axes[r_, 2 * c_ + 1]
         r = relevance[i]
         lim = float(np.abs(r).max()) or 1.0
-        im = ax.imshow(r, cmap="bwr", vmin=-lim, vmax=lim)
-        ax.set_title(f"relevance\nsum {r.sum():.1f}", fontsize=9)
-        ax.axis("off")
+        if r.min() >= 0:   # default mode shares are non-negative: a sequential map from 0
+            im = ax.imshow(r, cmap="Reds", vmin=0, vmax=lim)
+        else:              # signed relevance: diverging map centred on 0 (blue: negative)
+            im = ax.imshow(r, cmap="bwr", vmin=-lim, vmax=lim)
+        ax.set_title(f"relevance (sum {r.sum():.1f})", fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=6)
-    fig.suptitle("dlbjax: DLBacktrace relevance (red: for the predicted class, blue: against)",
-                 fontsize=10)
+    fig.suptitle("dlbjax: DLBacktrace relevance of the predicted class per pixel "
+                 "(seed 100 per digit; the rest is kept by biases)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -72,7 +81,7 @@ def _figure(images, relevance, pred, labels, path):
 
 def demo(out: str = "dlbjax_demo.png", epochs: int = 15, seed: int = 0, n_explain: int = 6,
          stream=None) -> dict:
-    """Train, evaluate and explain; returns a dict with ``accuracy``, ``out`` and ``explanation``."""
+    """Train, evaluate and explain; returns ``{"accuracy", "out", "explanation"}``."""
     import torch
 
     import dlbjax
@@ -95,21 +104,30 @@ def demo(out: str = "dlbjax_demo.png", epochs: int = 15, seed: int = 0, n_explai
     accuracy = float((pred_test == y_test).mean())
     say(f"test accuracy: {accuracy:.4f}")
 
-    x = torch.from_numpy(X_test[:n_explain])
+    # the first test image of each of n_explain different labels, so the figure shows variety
+    picked, seen = [], set()
+    for i, label in enumerate(y_test):
+        if label not in seen:
+            picked.append(i)
+            seen.add(label)
+        if len(picked) == n_explain:
+            break
+    picked = np.asarray(picked)
+    images, labels = X_test[picked], y_test[picked]
+    x = torch.from_numpy(images)
     explainer = dlbjax.Explainer(model, x)
     e = explainer(x)
-    rel = np.asarray(e.relevance["input"])[:, 0]
+    rel = np.asarray(e.relevance[explainer.input_names[0]])[:, 0]   # [rows, 8, 8]
     pred = np.asarray(e.prediction).argmax(1)
-    say(f"\nexplained {n_explain} test digits (default mode, seed = predicted class):")
-    for i in range(n_explain):
-        mark = "" if pred[i] == y_test[i] else "   <- wrong"
-        say(f"  digit {i}: predicted {pred[i]}, true {y_test[i]}, explained class {e.target[i]}, "
-            f"input relevance {rel[i].sum():8.3f}{mark}")
+    say(f"\nexplained {len(picked)} test digits (default mode, the predicted class is seeded):")
+    for i in range(len(picked)):
+        mark = "" if pred[i] == labels[i] else "   <- wrong"
+        say(f"  row {i} (test image {picked[i]}): predicted {pred[i]}, true {labels[i]}, "
+            f"explained class {e.target[i]}, input relevance {rel[i].sum():8.3f}{mark}")
     say("\nconservation (seed = inputs + bias + lost):")
     say(str(e.conservation))
 
-    _figure(X_test[:n_explain, 0], rel, pred, y_test[:n_explain], out)
-    import os
+    _figure(images[:, 0], rel, pred, labels, out)
     say(f"\nwrote {os.path.abspath(out)}")
     say(f"done in {time.perf_counter() - t0:.1f} s")
     return {"accuracy": accuracy, "out": out, "explanation": e}

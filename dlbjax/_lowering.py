@@ -73,6 +73,8 @@ def linear(input, weight, bias=None):
 def addmm(self, mat1, mat2, *, beta=1, alpha=1):
     prod = jnp.matmul(mat1, mat2, precision=HIGHEST)
     prod = prod if alpha == 1 else alpha * prod
+    if beta == 0:  # torch ignores self then: NaN/inf in it do not propagate
+        return jnp.broadcast_to(prod, jnp.broadcast_shapes(prod.shape, self.shape))
     return prod + (self if beta == 1 else beta * self)
 
 
@@ -348,7 +350,8 @@ _unary("aten.sin.default", jnp.sin)
 _unary("aten.cos.default", jnp.cos)
 _unary("aten.erf.default", jax.scipy.special.erf)
 _unary("aten.reciprocal.default", jnp.reciprocal)
-_unary("aten.sign.default", jnp.sign)
+_unary("aten.sign.default", lambda x: x if x.dtype == jnp.bool_ else jnp.where(
+    jnp.isnan(x), jnp.zeros((), x.dtype), jnp.sign(x)))  # torch: sign(NaN) == 0
 _unary("aten.floor.default", jnp.floor)
 _unary("aten.ceil.default", jnp.ceil)
 _unary("aten.round.default", jnp.round)
@@ -377,8 +380,9 @@ def leaky_relu(self, negative_slope=0.01):
 
 @lowering("aten.elu.default")
 def elu(self, alpha=1.0, scale=1.0, input_scale=1.0):
-    x = self * input_scale
-    return scale * jnp.where(x > 0, x, alpha * jnp.expm1(x))
+    # torch: x > 0 ? scale * x : scale * alpha * (exp(input_scale * x) - 1); input_scale only
+    # enters the negative branch.
+    return scale * jnp.where(self > 0, self, alpha * jnp.expm1(self * input_scale))
 
 
 @lowering("aten.selu.default")
@@ -559,6 +563,8 @@ def squeeze(self):
 
 @lowering("aten.squeeze.dim", "aten.squeeze.dims")
 def squeeze_dims(self, dim):
+    if self.ndim == 0:  # torch accepts dim 0 / -1 on a 0-d tensor and returns it unchanged
+        return self
     dims = [dim] if isinstance(dim, int) else list(dim)
     dims = tuple(_dim(d, self.ndim) for d in dims if self.shape[_dim(d, self.ndim)] == 1)
     return jnp.squeeze(self, axis=dims) if dims else self
@@ -574,7 +580,8 @@ def flatten(self, start_dim=0, end_dim=-1):
     if self.ndim == 0:
         return self.reshape(1)
     s, e = _dim(start_dim, self.ndim), _dim(end_dim, self.ndim)
-    return self.reshape(self.shape[:s] + (-1,) + self.shape[e + 1:])
+    merged = int(np.prod(self.shape[s:e + 1], dtype=np.int64))  # not -1: zero-size inputs
+    return self.reshape(self.shape[:s] + (merged,) + self.shape[e + 1:])
 
 
 @lowering("aten.unflatten.int")
@@ -692,7 +699,9 @@ def roll(self, shifts, dims=()):
 
 @lowering("aten.narrow.default")
 def narrow(self, dim, start, length):
-    return slice_(self, dim, start, start + length)
+    d = _dim(dim, self.ndim)
+    start = start + self.shape[d] if start < 0 else start  # torch counts a negative start from the end
+    return slice_(self, d, start, start + length)
 
 
 @lowering("aten.index_select.default")
@@ -785,20 +794,29 @@ def min_all(self):
 @lowering("aten.argmax.default")
 def argmax(self, dim=None, keepdim=False):
     if dim is None:
-        return jnp.argmax(self.reshape(-1))
+        flat = jnp.argmax(self.reshape(-1))
+        return flat.reshape((1,) * self.ndim) if keepdim else flat
     return jnp.argmax(self, axis=dim, keepdims=keepdim)
 
 
 @lowering("aten.argmin.default")
 def argmin(self, dim=None, keepdim=False):
     if dim is None:
-        return jnp.argmin(self.reshape(-1))
+        flat = jnp.argmin(self.reshape(-1))
+        return flat.reshape((1,) * self.ndim) if keepdim else flat
     return jnp.argmin(self, axis=dim, keepdims=keepdim)
+
+
+def _bool_reduce_axes(dim, ndim):
+    """any/all: None reduces every dim but an empty list reduces none (unlike sum/mean/amax)."""
+    if isinstance(dim, (list, tuple)) and len(dim) == 0:
+        return ()
+    return _dims(dim, ndim)
 
 
 @lowering("aten.any.dim", "aten.any.dims")
 def any_dim(self, dim=None, keepdim=False):
-    return jnp.any(self, axis=_dims(dim, self.ndim), keepdims=keepdim)
+    return jnp.any(self, axis=_bool_reduce_axes(dim, self.ndim), keepdims=keepdim)
 
 
 @lowering("aten.any.default")
@@ -808,7 +826,7 @@ def any_all(self):
 
 @lowering("aten.all.dim", "aten.all.dims")
 def all_dim(self, dim=None, keepdim=False):
-    return jnp.all(self, axis=_dims(dim, self.ndim), keepdims=keepdim)
+    return jnp.all(self, axis=_bool_reduce_axes(dim, self.ndim), keepdims=keepdim)
 
 
 @lowering("aten.all.default")

@@ -16,7 +16,7 @@ JAX) that dlbjax later explains. How it works:
 4. gradients are taken with ``jax.grad`` with respect to the model's *parameters* only (constants
    whose ``program.const_kinds`` entry is ``"parameter"`` and whose torch parameter has
    ``requires_grad=True``); buffers and lifted constants are held fixed. The train step is
-   ``jax.jit``-ed (it compiles once per distinct mini-batch size: at most twice);
+   ``jax.jit``-ed and compiles once: a short last mini-batch is padded with zero-weight rows;
 5. the trained values are copied into a ``copy.deepcopy`` of the model (the constant names of the
    program equal the model's ``state_dict`` keys), which is returned. **The caller's model is never
    modified.**
@@ -69,9 +69,9 @@ def fit(model: torch.nn.Module, X: Any, y: Any, *, epochs: int = 10, lr: float =
 
     ``X``: inputs ``[N, ...]`` (torch tensor or numpy array; cast to float32). ``y``: integer class
     labels ``[N]``. ``epochs``: passes over the data; each pass visits the rows in a fresh random
-    order in mini-batches of ``batch_size`` (the last one may be shorter). ``lr``: Adam learning
-    rate. ``seed``: seeds the shuffling. ``log``: optional ``log(epoch, mean_loss)`` called after
-    every epoch.
+    order in mini-batches of ``batch_size`` (the last one may hold fewer real rows). ``lr``: Adam
+    learning rate. ``seed``: seeds the shuffling. ``log``: optional ``log(epoch, mean_loss)``
+    called after every epoch.
 
     Returns a deep copy of ``model`` holding the trained parameters, in the training mode flags
     the model had; ``model`` itself is left untouched. See the module docstring for how training
@@ -122,29 +122,37 @@ def fit(model: torch.nn.Module, X: Any, y: Any, *, epochs: int = 10, lr: float =
             return evaluate(program, {**frozen, **p}, [x[None]])[0][0]
         return jax.vmap(row)(xb)
 
-    def loss_fn(p, xb, yb):
+    def loss_fn(p, xb, yb, wb):
+        # wb: 1 for real rows, 0 for the padding of a short last batch
         logits = forward(p, xb).astype(jnp.float32)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
+        return jnp.sum(wb * losses) / jnp.sum(wb)
 
     optimiser = optax.adam(lr)
     opt_state = optimiser.init(params)
 
     @jax.jit
-    def step(p, state, xb, yb):
-        loss, grads = jax.value_and_grad(loss_fn)(p, xb, yb)
+    def step(p, state, xb, yb, wb):
+        loss, grads = jax.value_and_grad(loss_fn)(p, xb, yb, wb)
         updates, state = optimiser.update(grads, state, p)
         return optax.apply_updates(p, updates), state, loss
 
     # 2. the loop: a fresh permutation per epoch from one seeded generator.
+    # A short last batch is padded to batch_size with zero-weight rows, so the step has one
+    # static shape and compiles once; its loss and gradient are those of the real rows.
     rng = np.random.default_rng(seed)
     n = X.shape[0]
+    size = min(batch_size, n)
     for epoch in range(epochs):
         order = rng.permutation(n)
         total = 0.0
-        for s in range(0, n, batch_size):
-            idx = order[s:s + batch_size]
-            params, opt_state, loss = step(params, opt_state, jnp.asarray(X[idx]),
-                                           jnp.asarray(y[idx]))
+        for s in range(0, n, size):
+            idx = order[s:s + size]
+            weight = np.zeros(size, np.float32)
+            weight[:len(idx)] = 1.0
+            padded = np.concatenate([idx, np.full(size - len(idx), idx[0])])
+            params, opt_state, loss = step(params, opt_state, jnp.asarray(X[padded]),
+                                           jnp.asarray(y[padded]), jnp.asarray(weight))
             total += float(loss) * len(idx)
         if log is not None:
             log(epoch, total / n)

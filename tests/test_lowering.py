@@ -250,6 +250,11 @@ def test_linalg(case):
 # ------------------------------------------------------------------------------------------------
 # Convolutions
 # ------------------------------------------------------------------------------------------------
+def _ints(v, nd):
+    """torch's conv overloads want int lists (SymInt[n]); the lowerings accept both."""
+    return list(v) if isinstance(v, (list, tuple)) else [v] * nd
+
+
 def _conv_cases():
     cases = []
     sp = {1: (9,), 2: (7, 6), 3: (5, 6, 4)}
@@ -276,18 +281,19 @@ def _conv_cases():
             x = randn(2, cin, *size)
             w = randn(cout, cin // g, *k)
             bias = randn(cout) if b else None
-            cases.append(Case(op, x, w, bias, s, p, d, g))
+            cases.append(Case(op, x, w, bias, _ints(s, nd), _ints(p, nd), _ints(d, nd), g))
         # defaults only, and unbatched input
         cases.append(Case(op, randn(1, 2, *size), randn(3, 2, *(2,) * nd)))
-        cases.append(Case(op, randn(2, *size), randn(3, 2, *k), randn(3), 2, 1))
+        cases.append(Case(op, randn(2, *size), randn(3, 2, *k), randn(3), [2] * nd, [1] * nd))
         # string padding overloads
         opp = f"aten.conv{nd}d.padding"
         kk = (4, 3, 2)[:nd]  # an even kernel: torch puts the extra "same" padding on the right
-        cases.append(Case(opp, randn(2, 2, *size), randn(3, 2, *kk), randn(3), 1, "same"))
-        cases.append(Case(opp, randn(2, 2, *size), randn(3, 2, *kk), None, 1, "same", 2))
-        cases.append(Case(opp, randn(2, 4, *size), randn(4, 2, *k), None, 1, "same", 1, 2))
-        cases.append(Case(opp, randn(2, 2, *size), randn(3, 2, *k), randn(3), 2, "valid"))
-        cases.append(Case(opp, randn(2, *size), randn(3, 2, *k), randn(3), 1, "same"))
+        one = [1] * nd
+        cases.append(Case(opp, randn(2, 2, *size), randn(3, 2, *kk), randn(3), one, "same"))
+        cases.append(Case(opp, randn(2, 2, *size), randn(3, 2, *kk), None, one, "same", [2] * nd))
+        cases.append(Case(opp, randn(2, 4, *size), randn(4, 2, *k), None, one, "same", one, 2))
+        cases.append(Case(opp, randn(2, 2, *size), randn(3, 2, *k), randn(3), [2] * nd, "valid"))
+        cases.append(Case(opp, randn(2, *size), randn(3, 2, *k), randn(3), one, "same"))
         cases.append(Case(opp, randn(1, 2, *size), randn(3, 2, *k)))  # default "valid"
     # aten.convolution (the core overload), forward and transposed
     for nd in (1, 2, 3):
@@ -330,9 +336,11 @@ def _conv_transpose_cases():
             x = randn(2, cin, *size)
             w = randn(cin, cg, *kk)
             bias = randn(cg * g) if b else None
-            cases.append(Case(op, x, w, bias, s, p, op_, g, d))
+            cases.append(Case(op, x, w, bias, _ints(s, nd), _ints(p, nd), _ints(op_, nd), g,
+                              _ints(d, nd)))
         cases.append(Case(op, randn(1, 2, *size), randn(2, 3, *(3,) * nd)))  # defaults
-        cases.append(Case(op, randn(2, *size), randn(2, 3, *(3,) * nd), randn(3), 2, 1, 1))
+        cases.append(Case(op, randn(2, *size), randn(2, 3, *(3,) * nd), randn(3), [2] * nd,
+                          [1] * nd, [1] * nd))
     return cases
 
 
@@ -460,11 +468,11 @@ def _adaptive_cases():
     cases.append(Case("aten.adaptive_max_pool1d.default", distinct(3, 7), [3]))
     for op in ("aten.adaptive_avg_pool2d.default", "aten._adaptive_avg_pool2d.default"):
         for size, out in [((5, 7), [3, 4]), ((1, 1), [7, 7]), ((2, 3), [7, 7]), ((7, 7), [7, 7]),
-                          ((6, 5), [1, 1]), ((9, 4), [4, 3]), ((5, 5), [3])]:
+                          ((6, 5), [1, 1]), ((9, 4), [4, 3]), ((5, 5), [3, 3])]:
             cases.append(Case(op, randn(2, 3, *size), out))
         cases.append(Case(op, randn(3, 5, 7), [3, 4]))
     for size, out in [((5, 7), [3, 4]), ((2, 3), [4, 5]), ((6, 5), [1, 1]), ((9, 4), [4, 3]),
-                      ((5, 5), [3])]:
+                      ((5, 5), [3, 3])]:
         cases.append(Case("aten.adaptive_max_pool2d.default", distinct(2, 3, *size), out))
     cases.append(Case("aten.adaptive_max_pool2d.default", distinct(3, 5, 7), [3, 4]))
     for op in ("aten.adaptive_avg_pool3d.default", "aten._adaptive_avg_pool3d.default"):
@@ -655,15 +663,17 @@ def _binary_cases():
             Case(f"aten.{name}.Tensor", a, b),
             Case(f"aten.{name}.Tensor", c, a),
             Case(f"aten.{name}.Tensor", a, b, alpha=2.5),
-            Case(f"aten.{name}.Tensor", a, 1.5),
-            Case(f"aten.{name}.Tensor", a, 2, alpha=-3),
+            Case(f"aten.{name}.Tensor", a, scalar_array(1.5)),
+            Case(f"aten.{name}.Tensor", a, scalar_array(2.0), alpha=-3),
             Case(f"aten.{name}.Tensor", ia, ib),
             Case(f"aten.{name}.Tensor", ia, ib, alpha=3),
-            Case(f"aten.{name}.Tensor", ia, 0.5),
-            Case(f"aten.{name}.Tensor", a, scalar_array(2.0)),
+            Case(f"aten.{name}.Tensor", ia, scalar_array(0.5)),
+            Case(f"aten.{name}.Tensor", ia, scalar_array(3, np.int64), alpha=2),
             Case(f"aten.{name}.Tensor", ia, a),
         ]
-        if name != "rsub":
+        if name != "rsub":  # torch.export records `x + 2` as add.Tensor with a Python scalar
+            cases.append(Case(f"aten.{name}.Tensor", a, 1.5))
+            cases.append(Case(f"aten.{name}.Tensor", ia, 2, alpha=-3))
             cases.append(Case(f"aten.{name}.Scalar", a, 1.25))
             cases.append(Case(f"aten.{name}.Scalar", a, 1.25, 2))
             cases.append(Case(f"aten.{name}.Scalar", ia, 3, -2))
@@ -719,7 +729,7 @@ def _binary_cases():
             Case(f"aten.{name}.Tensor", q, halves(4)),
             Case(f"aten.{name}.Tensor", ia, ib),
             Case(f"aten.{name}.Tensor", ia, a),
-            Case(f"aten.{name}.Tensor", q, 0.5),
+            Case(f"aten.{name}.Tensor", q, scalar_array(0.5)),
             Case(f"aten.{name}.Scalar", q, 0.5),
             Case(f"aten.{name}.Scalar", ia, 2),
             Case(f"aten.{name}.Scalar", ia, 1.5),

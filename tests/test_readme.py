@@ -1,0 +1,58 @@
+"""README.md stays true: the supported-operators table equals what tools/ops_table.py generates
+from the rule registry now, and the two fresh-machine commands are there verbatim."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+
+DEMO_COMMAND = ("pip install torch==2.14.1 torchvision==0.29.1 && pip install -e . && "
+                "python -m dlbjax demo")
+TEST_COMMAND = ('pip install torch==2.14.1 torchvision==0.29.1 && pip install -e ".[test]" && '
+                "python -m pytest")
+
+
+def _ops_table_module():
+    path = ROOT / "tools" / "ops_table.py"
+    spec = importlib.util.spec_from_file_location("_dlbjax_ops_table", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ops_table_is_current():
+    tool = _ops_table_module()
+    in_readme = tool.readme_table(README.read_text(encoding="utf-8"))
+    generated = tool.ops_table().strip()
+    assert in_readme == generated, (
+        "the Supported operators table in README.md is stale; regenerate it with "
+        "`python tools/ops_table.py --write`")
+
+
+def test_ops_table_covers_every_registered_op():
+    from dlbjax.rules import RULES
+
+    table = _ops_table_module().ops_table()
+    missing = [op for op in RULES if f"`{op}`" not in table]
+    assert not missing
+    body = table.splitlines()[2:]
+    assert len(body) == len({id(r) for r in RULES.values()})  # one row per Rule object
+    for row in body:
+        cells = [c.strip() for c in row.strip("|").split(" | ")]
+        assert len(cells) == 4
+        assert cells[2] in {"affine", "route", "activation", "other"}
+        assert cells[3] in {"own rule", "per stream"}
+
+
+def test_readme_has_the_fresh_machine_commands():
+    text = README.read_text(encoding="utf-8")
+    assert f"Demo: `{DEMO_COMMAND}`" in text
+    assert f"Tests: `{TEST_COMMAND}`" in text
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert TEST_COMMAND in ci.splitlines()  # the command itself, on a line of its own

@@ -1,0 +1,96 @@
+"""Print the README's "Supported operators" table, generated from the rule registry.
+
+    python tools/ops_table.py            # print the markdown table
+    python tools/ops_table.py --write    # replace the table in README.md between the markers
+
+Every row is one :class:`dlbjax.rules.Rule` object with all the ATen op names registered to it
+(in registration order). Columns: ``ops``; ``spec section`` (``Rule.section``); ``kind``
+(``affine`` for Linear/Conv units gated by their activation, ``route`` for exact index maps,
+``activation`` for ops that supply a gate to their producer, ``other`` for the rest);
+``contrastive`` (``own rule`` where the rule has a dedicated contrastive function, ``per stream``
+where the default rule is applied to each stream). ``tests/test_readme.py`` fails when README.md
+differs from this output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+START = "<!-- ops-table:start -->"
+END = "<!-- ops-table:end -->"
+README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+
+
+def _kind(rule) -> str:
+    if rule.affine:
+        return "affine"
+    if rule.route:
+        return "route"
+    if rule.gate is not None:
+        return "activation"
+    return "other"
+
+
+def _contrastive(rule) -> str:
+    from dlbjax.rules import PER_STREAM
+
+    per_stream = isinstance(rule.contrastive, str) and rule.contrastive == PER_STREAM
+    return "per stream" if per_stream else "own rule"
+
+
+def ops_table() -> str:
+    """The markdown table (no trailing newline): one row per Rule object in ``RULES``."""
+    from dlbjax.rules import RULES
+
+    groups: list[tuple[object, list[str]]] = []
+    index: dict[int, int] = {}
+    for op, rule in RULES.items():
+        if id(rule) not in index:
+            index[id(rule)] = len(groups)
+            groups.append((rule, []))
+        groups[index[id(rule)]][1].append(op)
+    lines = ["| ops | spec section | kind | contrastive |", "| --- | --- | --- | --- |"]
+    for rule, ops in groups:
+        names = ", ".join(f"`{op}`" for op in ops)
+        section = (rule.section or "-").replace("|", "\\|")
+        lines.append(f"| {names} | {section} | {_kind(rule)} | {_contrastive(rule)} |")
+    return "\n".join(lines)
+
+
+def readme_table(text: str) -> str:
+    """The text between the ops-table markers of a README (stripped); ValueError if absent."""
+    if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
+        raise ValueError(f"README must contain exactly one {START} ... {END} block")
+    return text[text.index(START) + len(START):text.index(END)].strip()
+
+
+def write_readme(path: pathlib.Path = README) -> bool:
+    """Replace the table in ``path``; returns whether the file changed."""
+    text = path.read_text(encoding="utf-8")
+    readme_table(text)  # validates the markers
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    new = f"{head}{START}\n{ops_table()}\n{END}{tail}"
+    if new != text:
+        path.write_text(new, encoding="utf-8")
+        return True
+    return False
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write", action="store_true",
+                        help=f"update the table in {README.name} instead of printing it")
+    args = parser.parse_args(argv)
+    if args.write:
+        changed = write_readme()
+        print(f"{README}: {'updated' if changed else 'already up to date'}")
+    else:
+        print(ops_table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
