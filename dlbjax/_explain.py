@@ -15,7 +15,7 @@ from ._errors import InputMismatchError, NonFiniteError, TargetError
 from ._interpret import constants_to_jax
 from ._lowering import jnp_dtype
 from ._relevance import analyze, relevance_row
-from ._seed import check_targets, resolve_task, seed_fn
+from ._seed import TASK_ALIASES, check_targets, resolve_task, seed_fn
 from .importers import BoundInputs, bind_inputs, import_bound
 from .importers._translate import tensor_to_numpy
 from .ir import Program
@@ -149,16 +149,20 @@ class Explainer:
         self.layers = bool(layers)
         self.options = Options(mode=self.mode, experimental_gating=bool(experimental_gating),
                                product_rule=product_rule)
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(task, str) or task.lower() not in TASK_ALIASES:
+            raise TargetError(f"unknown task {task!r}; use one of {sorted(set(TASK_ALIASES))}")
         bound = bind_inputs(model, example_inputs)
         args, kwargs, _ = _row_slice(bound, batch_axis)
         program = import_bound(model, BoundInputs(args, kwargs, bound.names, []))
         self.program: Program = program
         self.input_names = tuple(bound.names)
         self._row_specs = [(v.name, tuple(v.shape), v.dtype) for v in program.inputs]
-        self.analysis = analyze(program, self.options)
+        self.explained = self._output_index(output)
+        self.analysis = analyze(program, self.options, self.explained)
         self.analysis.raise_if_unsupported()
         self._check_constants()
-        self.explained = self._output_index(output)
         out_var = program.outputs[self.explained]
         # the task is needed to build seeds; an unresolvable task only fails when seeds are built
         # (relevance_function with explicit seeds works for any output)
@@ -231,7 +235,7 @@ class Explainer:
         return f
 
     # ---- inputs --------------------------------------------------------------------------------
-    def _to_rows(self, inputs: Any) -> tuple[tuple, int]:
+    def _to_rows(self, inputs: Any, dataset: bool = False) -> tuple[tuple, int]:
         if isinstance(inputs, (torch.Tensor, np.ndarray)):
             given = {self.input_names[0]: inputs} if len(self.input_names) == 1 else None
             if given is None:
@@ -272,6 +276,12 @@ class Explainer:
                         f"{tuple(shape[1:])} (expected [N, {', '.join(map(str, shape[1:]))}])")
                 rows = arr.shape[0]
                 arr = arr.reshape((rows, 1) + tuple(shape[1:]))
+            elif dataset:
+                if tuple(arr.shape[1:]) != tuple(shape):
+                    raise InputMismatchError(f"input '{name}' has shape {tuple(arr.shape)}; a dataset "
+                                             f"of examples of shape {tuple(shape)} must be [N, "
+                                             f"{', '.join(map(str, shape))}]")
+                rows = arr.shape[0]
             else:
                 if tuple(arr.shape) != tuple(shape):
                     raise InputMismatchError(f"input '{name}' has shape {tuple(arr.shape)}, the "
@@ -315,7 +325,7 @@ class Explainer:
         Equals a Python loop of ``explainer(row)`` over the rows.
         """
         self._check_task()
-        arrays, n = self._to_rows(data)
+        arrays, n = self._to_rows(data, dataset=True)
         classes, select = check_targets(self.task, target, n, self._out_size)
         size = max(1, min(int(batch_size), n))
         chunks = []
@@ -329,10 +339,10 @@ class Explainer:
             keep = min(size, n - s)
             chunks.append(jax.tree_util.tree_map(lambda x: np.asarray(x)[:keep], jax.device_get(raw)))
         raw = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs, axis=0), *chunks)
-        return self._explanation(raw, n)
+        return self._explanation(raw, n, dataset=True)
 
     # ---- results -------------------------------------------------------------------------------
-    def _explanation(self, raw: dict, n: int) -> Explanation:
+    def _explanation(self, raw: dict, n: int, dataset: bool = False) -> Explanation:
         contrastive = self.options.contrastive
 
         def finish(streams, input_shape: bool):
@@ -340,17 +350,19 @@ class Explainer:
             arrs = [np.asarray(s) for s in streams]
             if self.batch_axis == 0 and (input_shape or (arrs[0].ndim > 1 and arrs[0].shape[1] == 1)):
                 arrs = [a.reshape((n,) + a.shape[2:]) for a in arrs]
-            elif input_shape:
+            elif input_shape and not dataset:
                 arrs = [a[0] for a in arrs]
             return Streams(*arrs) if contrastive else arrs[0]
 
         relevance = {name: finish(raw["relevance"][name], True) for name, _, _ in self._row_specs}
         pred = np.asarray(raw["prediction"])
-        pred = pred.reshape((n,) + pred.shape[2:]) if self.batch_axis == 0 else pred[0]
+        pred = pred.reshape((n,) + pred.shape[2:]) if self.batch_axis == 0 else (
+            pred if dataset else pred[0])
         outputs = {}
         for name, o in zip(self.program.output_names, raw["outputs"]):
             o = np.asarray(o)
-            outputs[name] = o.reshape((n,) + o.shape[2:]) if self.batch_axis == 0 else o[0]
+            outputs[name] = o.reshape((n,) + o.shape[2:]) if self.batch_axis == 0 else (
+                o if dataset else o[0])
 
         def per_stream(a):
             a = np.asarray(a)

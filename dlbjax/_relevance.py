@@ -59,8 +59,12 @@ def _hint(op: str) -> str:
             "explained path, or register a rule (dlbjax.rules.register).")
 
 
-def analyze(program: Program, options: Options) -> Analysis:
-    """Static facts the relevance pass needs, plus every unsupported op of the model."""
+def analyze(program: Program, options: Options, explained: int = 0) -> Analysis:
+    """Static facts the relevance pass needs, plus every unsupported op of the model.
+
+    Only ops on a path from a relevance-carrying input to the explained output carry relevance;
+    side branches (a mask computed from the input, an auxiliary output) are plain forward code
+    and need no rule."""
     an = Analysis()
     an.problems.extend(missing_lowerings(program))
     consumers = program.consumers()
@@ -84,6 +88,12 @@ def analyze(program: Program, options: Options) -> Analysis:
             v = eqn.outputs[i]
             if v.is_float or (v in an.tokens and rule is not None and rule.route):
                 an.carries.add(v)
+    # keep only what relevance can reach walking back from the explained output
+    live = {program.outputs[explained]} & an.carries
+    for eqn in reversed(program.eqns):
+        if any(o in live for o in eqn.outputs):
+            live.update(v for v in eqn.inputs if v in an.carries)
+    an.carries &= live | set(program.inputs)
     an.tokens = {v for v in an.tokens if v in an.carries}
 
     seen = set()
