@@ -11,11 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from ._buckets import Bucketing
 from ._errors import InputMismatchError, NonFiniteError, TargetError
+from ._fuse import fuse_modules
 from ._interpret import constants_to_jax
 from ._lowering import jnp_dtype
 from ._relevance import analyze, relevance_row
-from ._seed import TASK_ALIASES, check_targets, resolve_task, seed_fn
+from ._seed import TASK_ALIASES, check_targets, resolve_task, seed_fn, target_size
 from .importers import BoundInputs, bind_inputs, import_bound
 from .importers._translate import tensor_to_numpy
 from .ir import Program
@@ -102,6 +104,16 @@ def _check_options(mode, multiplier, batch_axis, product_rule):
     return _MODES[mode.lower()], m
 
 
+def _check_phi(phi) -> float:
+    try:
+        phi = float(phi)
+    except (TypeError, ValueError):
+        raise ValueError(f"attention_value_fraction must be a number in [0, 1], not {phi!r}") from None
+    if not 0.0 <= phi <= 1.0:
+        raise ValueError(f"attention_value_fraction must be in [0, 1], not {phi}")
+    return phi
+
+
 def _row_slice(bound, batch_axis):
     """The example's first row (batch_axis=0) as torch inputs, plus the number of rows."""
     if batch_axis is None:
@@ -137,25 +149,48 @@ class Explainer:
     ``task`` ("auto" | "classification" | "binary" | "regression"), ``layers`` (keep relevance at
     every IR variable), ``output`` (index or name of the explained model output), ``batch_axis``
     (0 or None), ``experimental_gating`` (GELU/SiLU/relu6/hardtanh entries of spec §2.2),
-    ``product_rule`` ("half" | "dlb", for products of two activations).
+    ``product_rule`` ("half" | "dlb", for products of two activations),
+    ``attention_value_fraction`` (phi of spec §4.9: the share of attention relevance that goes to
+    the values; 1 - phi goes to queries and keys; default 1/2), ``buckets`` (None, True for powers
+    of two from 8 up to the model's maximum length, or a list of lengths: token inputs are padded
+    on the right to the smallest bucket that fits, with the attention mask, and the results are
+    stripped back; one compilation per bucket; needs an ``attention_mask`` input).
     """
 
     def __init__(self, model: torch.nn.Module, example_inputs: Any, *, mode: str = "default",
                  multiplier: float = 100.0, task: str = "auto", layers: bool = False,
                  output: Any = 0, batch_axis: Optional[int] = 0, experimental_gating: bool = False,
-                 product_rule: str = "half"):
+                 product_rule: str = "half", attention_value_fraction: float = 0.5,
+                 buckets: Any = None):
         self.mode, self.multiplier = _check_options(mode, multiplier, batch_axis, product_rule)
+        self._bucketing = None
+        self._traces = 0
+        if buckets is not None and buckets is not False:
+            options = dict(mode=mode, multiplier=multiplier, task=task, layers=layers, output=output,
+                           batch_axis=batch_axis, experimental_gating=experimental_gating,
+                           product_rule=product_rule,
+                           attention_value_fraction=attention_value_fraction)
+            if batch_axis != 0:
+                raise ValueError("length buckets need rows along axis 0 (batch_axis=0)")
+            self._bucketing = Bucketing(model, example_inputs, buckets,
+                                        lambda ex: Explainer(model, ex, **options))
+            first = self._bucketing.explainer(self._bucketing.bucket_for(
+                self._bucketing.kwargs_template[self._bucketing.seq_names[0]].shape[1]))
+            for name in ("batch_axis", "layers", "options", "program", "input_names", "analysis",
+                         "explained", "task", "_task_error", "_row_specs", "_out_size", "_consts"):
+                setattr(self, name, getattr(first, name))
+            return
         self.batch_axis = batch_axis
         self.layers = bool(layers)
         self.options = Options(mode=self.mode, experimental_gating=bool(experimental_gating),
-                               product_rule=product_rule)
+                               product_rule=product_rule, phi=_check_phi(attention_value_fraction))
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(task, str) or task.lower() not in TASK_ALIASES:
             raise TargetError(f"unknown task {task!r}; use one of {sorted(set(TASK_ALIASES))}")
         bound = bind_inputs(model, example_inputs)
         args, kwargs, _ = _row_slice(bound, batch_axis)
-        program = import_bound(model, BoundInputs(args, kwargs, bound.names, []))
+        program = fuse_modules(import_bound(model, BoundInputs(args, kwargs, bound.names, [])))
         self.program: Program = program
         self.input_names = tuple(bound.names)
         self._row_specs = [(v.name, tuple(v.shape), v.dtype) for v in program.inputs]
@@ -168,15 +203,15 @@ class Explainer:
         # (relevance_function with explicit seeds works for any output)
         self._task_error = None
         try:
-            self.task = resolve_task(task, out_var.shape, 0 if batch_axis == 0 else None)
+            self.task = resolve_task(task, out_var.shape, 0 if batch_axis == 0 else None,
+                                     type(model).__name__)
             if self.task == "regression" and self.options.contrastive:
                 raise TargetError("contrastive mode needs competing classes; it is not defined for "
                                   "regression outputs (use mode='default')")
         except TargetError as exc:
             self.task, self._task_error = None, exc
-        self._out_size = int(np.prod(out_var.shape, dtype=np.int64))
+        self._out_size = target_size(self.task, out_var.shape) if self.task else 0
         self._consts = constants_to_jax(program)
-        self.trace_count = 0
         self._fn = jax.jit(self._batched)
 
     # ---- construction helpers ------------------------------------------------------------------
@@ -199,7 +234,7 @@ class Explainer:
 
     # ---- the compiled function -----------------------------------------------------------------
     def _batched(self, consts, inputs, classes, select):
-        self.trace_count += 1
+        self._traces += 1
         program, an, opts = self.program, self.analysis, self.options
         head = an.head
 
@@ -209,6 +244,16 @@ class Explainer:
                                  explained=self.explained, layers=self.layers)
 
         return jax.vmap(row)(inputs, classes, select)
+
+    @property
+    def trace_count(self) -> int:
+        """How many times the relevance pass was traced (= compiled), buckets included."""
+        return self._traces + (self._bucketing.trace_count if self._bucketing else 0)
+
+    @property
+    def buckets(self) -> tuple:
+        """The sequence-length buckets (empty without bucketing)."""
+        return self._bucketing.buckets if self._bucketing else ()
 
     @property
     def constants(self) -> dict:
@@ -227,7 +272,7 @@ class Explainer:
         program, an, opts = self.program, self.analysis, self.options
 
         def f(consts, inputs, seeds):
-            def fixed(pred):
+            def fixed(pred, inputs=None):
                 return tuple(seeds), jnp.int32(-1)
             return relevance_row(program, an, opts, consts, tuple(inputs), fixed,
                                  explained=self.explained, layers=self.layers)
@@ -311,6 +356,8 @@ class Explainer:
             raise self._task_error
 
     def __call__(self, inputs: Any, target: Any = None) -> Explanation:
+        if self._bucketing is not None:
+            return self._bucketing.run(inputs, target, "__call__")
         self._check_task()
         arrays, n = self._to_rows(inputs)
         classes, select = check_targets(self.task, target, n, self._out_size)
@@ -324,6 +371,9 @@ class Explainer:
         Every chunk has the same shape (the last is padded and trimmed), so the pass compiles once.
         Equals a Python loop of ``explainer(row)`` over the rows.
         """
+        if self._bucketing is not None:
+            return self._bucketing.run(data, target, "batch", batch_size=batch_size,
+                                       progress=progress)
         self._check_task()
         arrays, n = self._to_rows(data, dataset=True)
         classes, select = check_targets(self.task, target, n, self._out_size)

@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._errors import InvalidProgramError, UnsupportedOp, UnsupportedOperationError
-from ._lowering import LOWERINGS, jnp_dtype
+from . import _attention  # noqa: F401  (registers the attention lowering)
+from ._fuse import FUSED_OP, FusedBody
+from ._lowering import LOWERINGS, jnp_dtype, lowering
 from .ir import Eqn, Program, Var
 
 __all__ = ["evaluate", "substitute", "call_lowering", "constants_to_jax", "missing_lowerings"]
@@ -45,6 +47,17 @@ def call_lowering(eqn: Eqn, args: Sequence, kwargs: Mapping) -> tuple:
         dtype = jnp_dtype(var.dtype)
         result.append(value if value.dtype == dtype else value.astype(dtype))
     return tuple(result)
+
+
+@lowering(FUSED_OP)
+def _fused(*args, body: FusedBody):
+    """Forward of a fused module: its original equations, unchanged."""
+    env: dict[Var, Any] = dict(zip(body.inputs, args))
+    for eqn in body.eqns:
+        for var, value in zip(eqn.outputs, call_lowering(eqn, substitute(eqn.args, env),
+                                                         substitute(eqn.kwargs, env))):
+            env[var] = value
+    return env[body.output]
 
 
 def constants_to_jax(program: Program) -> dict[str, jnp.ndarray]:

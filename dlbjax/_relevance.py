@@ -37,6 +37,16 @@ NON_VALUE_OPS = frozenset({
     "aten.sym_size.int", "aten.scalar_tensor.default",
 })
 EMBEDDING_OPS = frozenset({"aten.embedding.default"})
+# Normalisation statistics (§9.4): a written-out norm x * rsqrt(mean(x^2) + eps) is identity for x;
+# the statistics branch carries no relevance.
+STATISTIC_OPS = frozenset({"aten.rsqrt.default"})
+# Ops through which a softmax output is still "the attention probabilities" (§9.8).
+_PROBS_PASS = frozenset({
+    "aten.view.default", "aten.reshape.default", "aten._unsafe_view.default", "aten.expand.default",
+    "aten.clone.default", "aten._to_copy.default", "aten.alias.default", "aten.contiguous.default",
+    "aten.dropout.default", "aten.to.dtype", "aten.type_as.default"})
+_SOFTMAX = frozenset({"aten.softmax.int", "aten._softmax.default"})
+_PRODUCTS = frozenset({"aten.matmul.default", "aten.bmm.default", "aten.mm.default"})
 
 
 @dataclass
@@ -44,6 +54,7 @@ class Analysis:
     carries: set = field(default_factory=set)          # Vars that carry relevance
     tokens: set = field(default_factory=set)           # integer Vars carrying token relevance
     gates: dict = field(default_factory=dict)          # eqn index -> GateSpec
+    info: dict = field(default_factory=dict)           # eqn index -> static facts for the rule
     problems: list = field(default_factory=list)       # UnsupportedOp entries
     head: Optional[str] = None                         # "softmax"/"sigmoid" when an output is one
 
@@ -80,7 +91,8 @@ def analyze(program: Program, options: Options, explained: int = 0) -> Analysis:
     an.carries.update(v for v in program.inputs if v.is_float or v in an.tokens)
     an.tokens &= an.carries | {o for e in program.eqns for o in e.outputs}
     for eqn in program.eqns:
-        if eqn.op in NON_VALUE_OPS or not any(v in an.carries for v in eqn.inputs):
+        if eqn.op in NON_VALUE_OPS or eqn.op in STATISTIC_OPS or \
+                not any(v in an.carries for v in eqn.inputs):
             continue
         rule = get_rule(eqn.op)
         idx = rule.outputs if rule is not None and rule.outputs is not None else range(len(eqn.outputs))
@@ -119,6 +131,8 @@ def analyze(program: Program, options: Options, explained: int = 0) -> Analysis:
         rule = get_rule(eqn.op)
         if rule is None or not rule.affine or eqn.outputs[0] not in an.carries:
             continue
+        if sum(1 for a in eqn.inputs if a in an.carries) != 1:
+            continue  # a product of two activations is not an affine unit: nothing gates it
         v = eqn.outputs[0]
         uses = consumers.get(v, [])
         if len(uses) + outputs.count(v) != 1 or not uses:
@@ -130,6 +144,12 @@ def analyze(program: Program, options: Options, explained: int = 0) -> Analysis:
                 an.gates[i] = spec
 
     producers = program.producers()
+    for i, eqn in enumerate(program.eqns):
+        if eqn.op in _PRODUCTS and all(isinstance(a, Var) and a in an.carries for a in eqn.args[:2]):
+            for k in (0, 1):
+                if _is_softmax_output(eqn.args[k], producers):
+                    an.info[i] = {"attention": k}
+                    break
     heads = set()
     for v in program.outputs:
         p = producers.get(v)
@@ -139,6 +159,20 @@ def analyze(program: Program, options: Options, explained: int = 0) -> Analysis:
             heads.add("sigmoid")
     an.head = heads.pop() if len(heads) == 1 else None
     return an
+
+
+def _is_softmax_output(var, producers) -> bool:
+    seen = 0
+    while seen < 16:
+        p = producers.get(var)
+        if p is None:
+            return False
+        if p.op in _SOFTMAX:
+            return True
+        if p.op not in _PROBS_PASS or not p.args or not isinstance(p.args[0], Var):
+            return False
+        var, seen = p.args[0], seen + 1
+    return False
 
 
 def _carry_mask(args, carries):
@@ -273,6 +307,7 @@ def _relevance_call(eqn: Eqn, index: int, env: dict, an: Analysis, options: Opti
     """Apply one relevance-carrying equation through a custom_vjp wrapping its rule."""
     rule = get_rule(eqn.op)
     gate: Optional[GateSpec] = an.gates.get(index)
+    info = an.info.get(index, {})
     flat = _Flat()
     args_val = substitute(eqn.args, env)
     kwargs_val = substitute(eqn.kwargs, env)
@@ -326,7 +361,8 @@ def _relevance_call(eqn: Eqn, index: int, env: dict, an: Analysis, options: Opti
         R = R_out[0] if len(outs) == 1 else tuple(R_out)
         args = [_decode(s, leaves) for s in spec_args]
         kwargs = _decode(spec_kwargs, leaves)
-        ctx_args = dict(carries=carries, outputs=tuple(outs), gate=gate, op=eqn.op, where=where)
+        ctx_args = dict(carries=carries, outputs=tuple(outs), gate=gate, op=eqn.op, where=where,
+                        info=info)
         results, absorbed = _call_rule(rule, options, ctx_args, R, args, kwargs)
         results = tuple(results) if results is not None else ()
         grads = [None] * len(leaves)
@@ -379,7 +415,7 @@ def relevance_row(program: Program, an: Analysis, options: Options, consts: dict
                   seed_fn: Callable, *, explained: int = 0, layers: bool = False) -> dict:
     """Forward + seed + VJP for one example. ``inputs`` has one array per program input.
 
-    ``seed_fn(prediction) -> (seeds, target)`` builds the seed (a tuple with one array per stream)
+    ``seed_fn(prediction, inputs_by_name) -> (seeds, target)`` builds the seed (a tuple with one array per stream)
     from the explained output's value. Returns a dict of JAX arrays: ``outputs`` (all model
     outputs), ``relevance`` (name -> tuple of per-stream maps, zeros for inputs that carry none),
     ``absorbed`` ([streams]), ``seed`` ([streams] totals), ``target`` and, with ``layers``, the
@@ -433,7 +469,7 @@ def relevance_row(program: Program, an: Analysis, options: Options, consts: dict
     y = outs[explained]
     carried = explained_var in an.carries
     prediction = y[0] if carried else y
-    seeds, target = seed_fn(prediction)
+    seeds, target = seed_fn(prediction, {v.name: x for v, x in zip(program.inputs, inputs)})
     cts = []
     for i, (v, o) in enumerate(zip(program.outputs, outs)):
         if v in an.carries:

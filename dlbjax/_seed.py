@@ -10,6 +10,10 @@ Tasks:
   R+ = M sigma(o), R- = M (1 - sigma(o)) at index 0 (no second sigmoid when the graph ends in one).
 * ``"regression"``: the chosen output indices S (default: all) each get M / |S| (§1.3 canonical).
   Contrastive mode is not defined for regression and raises.
+* ``"next-token"`` (logits [T, V] per row, a causal LM): seeded at the last position, or the last
+  position whose ``attention_mask`` is non-zero when the model takes one (right padding), at the
+  target token (the argmax there, or the given token id) (§9.11). Contrastive: the softmax of that
+  position's logits, R+ = M p_t, R- = M p_k for k != t.
 
 Each row is seeded independently and its seed sums to M (§1.3 "Batch").
 """
@@ -23,7 +27,7 @@ import numpy as np
 from ._errors import TargetError
 from ._dtypes import relevance_dtype
 
-__all__ = ["resolve_task", "seed_fn", "check_targets", "TASK_ALIASES"]
+__all__ = ["resolve_task", "seed_fn", "check_targets", "target_size", "TASK_ALIASES"]
 
 TASK_ALIASES = {
     "auto": "auto",
@@ -38,10 +42,13 @@ TASK_ALIASES = {
     "binary-classification": "binary",
     "regression": "regression",
     "bbox-regression": "regression",
+    "next-token": "next-token",
+    "generation": "next-token",
+    "causal-lm": "next-token",
 }
 
 
-def resolve_task(task: str, out_shape: tuple, batch_axis) -> str:
+def resolve_task(task: str, out_shape: tuple, batch_axis, model_name: str = "") -> str:
     """The canonical task for an explained output of per-row shape ``out_shape``."""
     if not isinstance(task, str) or task.lower() not in TASK_ALIASES:
         raise TargetError(f"unknown task {task!r}; use one of {sorted(set(TASK_ALIASES))}")
@@ -49,6 +56,13 @@ def resolve_task(task: str, out_shape: tuple, batch_axis) -> str:
     row = out_shape[1:] if batch_axis == 0 and len(out_shape) >= 1 else out_shape
     size = int(np.prod(row, dtype=np.int64))
     big_dims = [d for d in row if d != 1]
+    lm = any(k in model_name for k in ("CausalLM", "LMHead", "ForConditionalGeneration"))
+    if task == "auto" and lm and len(row) == 2:
+        return "next-token"
+    if task == "next-token":
+        if len(row) != 2:
+            raise TargetError(f"next-token needs logits [T, V] per row; the output row has shape {row}")
+        return task
     if task == "auto":
         if size == 1:
             return "binary"
@@ -107,15 +121,45 @@ def check_targets(task: str, target, n_rows: int, size: int) -> tuple[np.ndarray
     return t.astype(np.int32), select
 
 
-def seed_fn(task: str, contrastive: bool, multiplier: float, head, target, select):
-    """A function prediction -> (seeds per stream, target) for one row (traced under jit)."""
+def target_size(task: str, out_shape: tuple) -> int:
+    """How many classes (or outputs) a target indexes."""
+    if task == "next-token":
+        return int(out_shape[-1])
+    return int(np.prod(out_shape, dtype=np.int64))
 
-    def fn(pred):
+
+def _next_token(pred, inputs, target, M, contrastive, head, dt):
+    T, V = pred.shape[-2], pred.shape[-1]
+    logits = pred.reshape(T, V).astype(dt)
+    mask = inputs.get("attention_mask")
+    if mask is not None and mask.size == T:
+        idx = jnp.max(jnp.where(mask.reshape(-1) != 0, jnp.arange(T), -1))
+        pos = jnp.where(idx >= 0, idx, T - 1)
+    else:
+        pos = T - 1
+    row = logits[pos]
+    t = jnp.where(target >= 0, target, jnp.argmax(row)).astype(jnp.int32)
+    onehot = ((jnp.arange(T)[:, None] == pos) & (jnp.arange(V)[None, :] == t)).astype(dt)
+    if not contrastive:
+        return ((M * onehot).reshape(pred.shape),), t
+    p = row if head == "softmax" else jax.nn.softmax(row)
+    at_pos = (jnp.arange(T) == pos).astype(dt)[:, None]
+    pos_seed = M * onehot * p[None, :]
+    neg_seed = M * at_pos * p[None, :] * (1 - onehot)
+    return (pos_seed.reshape(pred.shape), neg_seed.reshape(pred.shape)), t
+
+
+def seed_fn(task: str, contrastive: bool, multiplier: float, head, target, select):
+    """A function (prediction, inputs) -> (seeds per stream, target) for one row (traced)."""
+
+    def fn(pred, inputs=None):
         dt = relevance_dtype()
         flat = pred.reshape(-1).astype(dt)
         size = flat.shape[0]
         M = jnp.asarray(multiplier, dt)
         select_ = jnp.asarray(select, dt)
+        if task == "next-token":
+            return _next_token(pred, inputs or {}, target, M, contrastive, head, dt)
         if task == "regression":
             seed = M * select_ / jnp.sum(select_)
             return (seed.reshape(pred.shape),), jnp.int32(-1)

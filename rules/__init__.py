@@ -11,7 +11,7 @@ norms), ``routing`` (exact index maps), ``pooling`` (pools and reductions), ``em
 
 from ._registry import (PER_STREAM, RULES, GateSpec, Options, Rule, RuleContext, Streams, get_rule,
                         register)
-from . import affine, elementwise, embedding, pooling, routing  # noqa: F401  (populate RULES)
+from . import affine, attention, elementwise, embedding, pooling, routing  # noqa: F401  (populate RULES)
 from ._math import (contrastive_coeffs, default_coeffs, gates, linear_operator_rule, unbroadcast,
                     unit_rule)
 from .elementwise import EXPERIMENTAL_GATES, GATES, product_shares

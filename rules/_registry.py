@@ -13,7 +13,8 @@ A rule is a pure JAX function ``rule(ctx, R, *args, **kwargs)``:
 
 ``ctx.carries`` mirrors ``args`` with booleans saying which arguments carry relevance (spec §9.1),
 ``ctx.gate`` is the activation entry gating an affine op (§2.2, §8.1), ``ctx.outputs`` holds the
-recorded outputs. The engine wraps every rule in a ``jax.custom_vjp`` whose forward is the op's
+recorded outputs, ``ctx.info`` static facts from the graph analysis (``{"attention": i}`` when
+operand i of a product is a softmax output). The engine wraps every rule in a ``jax.custom_vjp`` whose forward is the op's
 lowering, so the whole relevance pass is one VJP of the model's forward.
 """
 
@@ -56,6 +57,7 @@ class Options:
     mode: str = "default"
     experimental_gating: bool = False
     product_rule: str = "half"
+    phi: float = 0.5  # attention value fraction (spec §4.9 step 2, §9.8)
 
     @property
     def contrastive(self) -> bool:
@@ -71,6 +73,7 @@ class RuleContext:
     op: str
     where: str
     absorbed: list = field(default_factory=list)
+    info: dict = field(default_factory=dict)  # static facts from the analysis (e.g. attention)
 
     @property
     def out(self):

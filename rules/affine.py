@@ -24,7 +24,8 @@ import jax.numpy as jnp
 
 from .._lowering import HIGHEST, conv_nd, conv_transpose_nd
 from ._math import linear_operator_rule
-from ._registry import carried, register
+from ._registry import Streams, carried, register
+from .attention import bilinear_shares
 
 __all__ = []
 
@@ -102,13 +103,27 @@ register("aten.addmm.default", default=_addmm, contrastive=_addmm, affine=True, 
 
 
 def _mm(ctx, R, self, other):
+    """A product with one constant operand is a dense layer (§2.1/§3.2); between two
+    relevance-carrying operands it is the bilinear rule (§4.11; O = A V in attention, §9.8)."""
+    if ctx.carrying(0) and ctx.carrying(1):
+        phi = ctx.options.phi
+        fa, fb = {0: (1 - phi, phi), 1: (phi, 1 - phi)}.get(ctx.info.get("attention"), (0.5, 0.5))
+        if ctx.options.contrastive:
+            pa, pb = bilinear_shares(self, other, R.positive, fa, fb)
+            na, nb = bilinear_shares(self, other, R.negative, fa, fb)
+            return Streams(pa, na), Streams(pb, nb)
+        return bilinear_shares(self, other, R, fa, fb)
     if ctx.carrying(0):
         return _run(ctx, R, 2, 0, _matmul, self, other, None)
     return _run(ctx, R, 2, 1, _rmatmul, other, self, None)
 
 
+def _mm_check(carries):
+    return None
+
+
 register("aten.mm.default", "aten.bmm.default", "aten.matmul.default", default=_mm, contrastive=_mm,
-         affine=True, check=_one_of_two, section="§2.1, §3.2")
+         affine=True, check=_mm_check, section="§2.1, §3.2, §4.11")
 
 
 # ---- convolutions -----------------------------------------------------------------------------

@@ -176,6 +176,26 @@ def _gelu_gate(args, kwargs, options):
     return EXPERIMENTAL_GATES["gelu_tanh" if kwargs.get("approximate") == "tanh" else "gelu"]
 
 
+def _fused_identity(ctx, R, *args, body):
+    """A fused written-out activation or norm module (``dlbjax._fuse``) is one element-wise op:
+    identity from its output to its single non-constant input (§4.8, §9.4, §9.6)."""
+    return tuple(R if ctx.carrying(i) else None for i in range(len(args)))
+
+
+def _fused_gate(args, kwargs, options):
+    key = kwargs["body"].gate
+    return EXPERIMENTAL_GATES[key] if key and options.experimental_gating else None
+
+
+def _fused_check(carries):
+    if sum(1 for c in carries if c) != 1:
+        return "a fused module with several relevance-carrying inputs is not element-wise"
+    return None
+
+
+register("dlbjax.fused", default=_fused_identity, gate=_fused_gate, check=_fused_check,
+         section="§4.8, §9.4, §9.6")
+
 _SECTION = "§2.2, §4.8, §8.1"
 register("aten.relu.default", default=identity, gate=_gate("relu"), section=_SECTION)
 register("aten.tanh.default", default=identity, gate=_gate("tanh"), section=_SECTION)

@@ -16,11 +16,13 @@ from __future__ import annotations
 import inspect
 import itertools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
+import dlbjax  # noqa: F401  (registers the lowerings that live outside _lowering.py)
 from dlbjax._lowering import LOWERINGS, jnp_dtype
 
 RTOL = 1e-5
@@ -45,7 +47,11 @@ REF_ALIASES = {
 
 # Entries of LOWERINGS that cannot be checked against torch, each with the reason. Keep this short:
 # uninitialised creation ops (empty*) are still checked for shape and dtype below.
-UNTESTABLE: dict[str, str] = {}
+UNTESTABLE: dict[str, str] = {
+    # Not an ATen op: the interpreter's forward of a fused element-wise module (dlbjax/_fuse.py),
+    # which replays the module's own recorded equations; each of those is tested here on its own.
+    "dlbjax.fused": "no torch counterpart; runs other lowerings (tested with the fusion pass)",
+}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -137,7 +143,9 @@ def params(cases):
 
 
 def resolve(name):
-    _, op, overload = name.split(".")
+    ns, op, overload = (name.split(".") + ["", ""])[:3]
+    if ns != "aten":
+        return None
     packet = getattr(torch.ops.aten, op, None)
     if packet is None or overload not in packet.overloads():
         return None
@@ -182,7 +190,7 @@ def compare(expected, got, values=True, where="output"):
     assert tuple(got.shape) == tuple(expected.shape), (
         f"{where}: shape {tuple(got.shape)} != torch {tuple(expected.shape)}")
     want = jnp_dtype(str(expected.dtype).replace("torch.", ""))
-    got = np.asarray(got if got.dtype == want else got.astype(want))
+    got = np.asarray(got).astype(want)  # the interpreter's cast (done in numpy: no XLA compile)
     if not values:
         return
     ref = expected.detach().numpy()
@@ -202,6 +210,22 @@ def compare(expected, got, values=True, where="output"):
         np.testing.assert_array_equal(got, ref.astype(got.dtype), err_msg=where)
 
 
+def traced_shapes(fn, args, kwargs):
+    """The lowering's output shapes/dtypes when traced abstractly, as under the interpreter's jit
+    (catches Python control flow on array values; costs no XLA compilation)."""
+    leaves, tree = jax.tree_util.tree_flatten((args, kwargs), is_leaf=lambda v: v is None)
+    where = [i for i, v in enumerate(leaves) if isinstance(v, jax.Array)]
+
+    def call(*arrays):
+        filled = list(leaves)
+        for i, a in zip(where, arrays):
+            filled[i] = a
+        a, k = jax.tree_util.tree_unflatten(tree, filled)
+        return fn(*a, **k)
+
+    return jax.eval_shape(call, *[leaves[i] for i in where])
+
+
 def run_case(case: Case):
     fn = LOWERINGS[case.op]
     if case.ref is not None:
@@ -209,8 +233,12 @@ def run_case(case: Case):
     else:
         reference = resolve(case.op) or resolve(REF_ALIASES[case.op])
     expected = reference(*to_torch(case.args), **to_torch(case.kwargs))
-    got = fn(*to_jax(case.args), **to_jax(case.kwargs))
+    args, kwargs = to_jax(case.args), to_jax(case.kwargs)
+    got = fn(*args, **kwargs)
     compare(expected, got, case.values)
+    eager = jax.tree_util.tree_map(lambda v: (tuple(v.shape), jnp.asarray(v).dtype), got)
+    traced = jax.tree_util.tree_map(lambda v: (tuple(v.shape), v.dtype), traced_shapes(fn, args, kwargs))
+    assert traced == eager, f"traced {traced} != eager {eager}"
 
 
 ALL_CASES: list[Case] = []
@@ -277,6 +305,8 @@ def _conv_cases():
                  True),
                 (4, 4, 4, [2, 1] + [2] * (nd - 2), [1, 0] + [0] * (nd - 2), 1, False),
             ]
+        if nd != 2:  # every combination in 2-D; a spread of them in 1-D and 3-D (keeps it fast)
+            configs = [configs[i] for i in ((1, 2, 3, 4) if nd == 1 else (2, 3, 6, 7))]
         for cin, cout, g, s, p, d, b in configs:
             x = randn(2, cin, *size)
             w = randn(cout, cin // g, *k)
@@ -293,10 +323,11 @@ def _conv_cases():
         cases.append(Case(opp, randn(2, 2, *size), randn(3, 2, *kk), None, one, "same", [2] * nd))
         cases.append(Case(opp, randn(2, 4, *size), randn(4, 2, *k), None, one, "same", one, 2))
         cases.append(Case(opp, randn(2, 2, *size), randn(3, 2, *k), randn(3), [2] * nd, "valid"))
-        cases.append(Case(opp, randn(2, *size), randn(3, 2, *k), randn(3), one, "same"))
-        cases.append(Case(opp, randn(1, 2, *size), randn(3, 2, *k)))  # default "valid"
+        if nd == 2:
+            cases.append(Case(opp, randn(2, *size), randn(3, 2, *k), randn(3), one, "same"))
+            cases.append(Case(opp, randn(1, 2, *size), randn(3, 2, *k)))  # default "valid"
     # aten.convolution (the core overload), forward and transposed
-    for nd in (1, 2, 3):
+    for nd in (1, 2):
         size = sp[nd]
         z, o = [0] * nd, [1] * nd
         cases.append(Case("aten.convolution.default", randn(2, 4, *size), randn(6, 2, *(3,) * nd),
@@ -331,6 +362,7 @@ def _conv_transpose_cases():
             configs.append((2, 2, 1, [3, 2] + [2] * (nd - 2), [2, 3] + [1] * (nd - 2),
                             [1, 0] + [0] * (nd - 2), [0, 2] + [0] * (nd - 2),
                             [1, 2] + [1] * (nd - 2), True))
+        configs = [configs[i] for i in {1: (1, 2, 4, 5), 2: (0, 1, 3, 4, 5, 6, 7), 3: (2, 5, 7)}[nd]]
         for cin, cg, g, k, s, p, op_, d, b in configs:
             kk = tuple(k) if isinstance(k, list) else (k,) * nd
             x = randn(2, cin, *size)
@@ -339,8 +371,9 @@ def _conv_transpose_cases():
             cases.append(Case(op, x, w, bias, _ints(s, nd), _ints(p, nd), _ints(op_, nd), g,
                               _ints(d, nd)))
         cases.append(Case(op, randn(1, 2, *size), randn(2, 3, *(3,) * nd)))  # defaults
-        cases.append(Case(op, randn(2, *size), randn(2, 3, *(3,) * nd), randn(3), [2] * nd,
-                          [1] * nd, [1] * nd))
+        if nd < 3:
+            cases.append(Case(op, randn(2, *size), randn(2, 3, *(3,) * nd), randn(3), [2] * nd,
+                              [1] * nd, [1] * nd))
     return cases
 
 
@@ -368,19 +401,20 @@ _MAX_1D = [
 
 def _max_pool_cases():
     cases = []
-    for size, k, s, p, d, c in _MAX_1D:
+    for size, k, s, p, d, c in [_MAX_1D[i] for i in (0, 2, 3, 4, 5, 7)]:
         stride = [] if s is None else s
         x = distinct(2, 3, size)
-        cases.append(Case("aten.max_pool1d.default", x, [k], stride, [p], [d], c))
         cases.append(Case("aten.max_pool1d_with_indices.default", x, [k], stride, [p], [d], c))
+        if c:  # the values-only overload shares the window code: its ceil-mode cases suffice
+            cases.append(Case("aten.max_pool1d.default", x, [k], stride, [p], [d], c))
     for nd in (2, 3):
         combos = list(itertools.product(_MAX_1D, repeat=nd))
-        picks = RNG.choice(len(combos), size=6 if nd == 2 else 3, replace=False)
+        picks = RNG.choice(len(combos), size=3 if nd == 2 else 1, replace=False)
         chosen = [combos[i] for i in sorted(picks)]
         # per-dim mixes plus a uniform ceil-mode combination
         chosen.append(tuple([_MAX_1D[2]] * nd))
         chosen.append(tuple([_MAX_1D[3]] + [_MAX_1D[4]] * (nd - 1)))
-        for combo in chosen:
+        for i, combo in enumerate(chosen):
             ceil = combo[0][5]
             combo = [(sz, k, s, p, d, ceil) for sz, k, s, p, d, _ in combo]
             if any(s is None for _, _, s, _, _, _ in combo):
@@ -394,10 +428,10 @@ def _max_pool_cases():
                    for sz, k, s, p, d, _ in combo):
                 continue
             x = distinct(2, 2, *sizes)
-            cases.append(Case(f"aten.max_pool{nd}d.default", x, *args))
             cases.append(Case(f"aten.max_pool{nd}d_with_indices.default", x, *args))
+            if i >= len(chosen) - 2:
+                cases.append(Case(f"aten.max_pool{nd}d.default", x, *args))
     # scalar kernel / stride / padding, defaults, unbatched
-    cases.append(Case("aten.max_pool2d.default", distinct(1, 2, 7, 7), [3]))
     cases.append(Case("aten.max_pool2d.default", distinct(1, 2, 7, 7), 3, 2, 1))
     cases.append(Case("aten.max_pool2d_with_indices.default", distinct(2, 7, 6), [3, 2], [2, 2],
                       [1, 1], [1, 1], True))
@@ -460,19 +494,18 @@ def _avg_pool_cases():
 def _adaptive_cases():
     cases = []
     for op in ("aten.adaptive_avg_pool1d.default", "aten._adaptive_avg_pool1d.default"):
-        for size, out in [(8, 4), (5, 3), (7, 4), (1, 7), (3, 5), (6, 1), (4, 4)]:
+        for size, out in [(5, 3), (7, 4), (1, 7), (3, 5), (6, 1)]:
             cases.append(Case(op, randn(2, 3, size), [out]))
         cases.append(Case(op, randn(3, 7), [3]))
-    for size, out in [(8, 4), (5, 3), (7, 4), (3, 5), (6, 1), (4, 4)]:
+    for size, out in [(5, 3), (7, 4), (3, 5), (6, 1)]:
         cases.append(Case("aten.adaptive_max_pool1d.default", distinct(2, 3, size), [out]))
     cases.append(Case("aten.adaptive_max_pool1d.default", distinct(3, 7), [3]))
     for op in ("aten.adaptive_avg_pool2d.default", "aten._adaptive_avg_pool2d.default"):
-        for size, out in [((5, 7), [3, 4]), ((1, 1), [7, 7]), ((2, 3), [7, 7]), ((7, 7), [7, 7]),
-                          ((6, 5), [1, 1]), ((9, 4), [4, 3]), ((5, 5), [3, 3])]:
+        for size, out in [((5, 7), [3, 4]), ((1, 1), [7, 7]), ((2, 3), [7, 7]), ((6, 5), [1, 1]),
+                          ((9, 4), [4, 3])]:
             cases.append(Case(op, randn(2, 3, *size), out))
         cases.append(Case(op, randn(3, 5, 7), [3, 4]))
-    for size, out in [((5, 7), [3, 4]), ((2, 3), [4, 5]), ((6, 5), [1, 1]), ((9, 4), [4, 3]),
-                      ((5, 5), [3, 3])]:
+    for size, out in [((5, 7), [3, 4]), ((2, 3), [4, 5]), ((9, 4), [4, 3])]:
         cases.append(Case("aten.adaptive_max_pool2d.default", distinct(2, 3, *size), out))
     cases.append(Case("aten.adaptive_max_pool2d.default", distinct(3, 5, 7), [3, 4]))
     for op in ("aten.adaptive_avg_pool3d.default", "aten._adaptive_avg_pool3d.default"):
@@ -512,12 +545,11 @@ def _norm_cases():
         cases.append(Case("aten.native_layer_norm.default", x, ns, w, b, 1e-5))
         cases.append(Case("aten.native_layer_norm.default", x, ns, None, None, 1e-3))
         cases.append(Case("aten.rms_norm.default", x, ns, w, 1e-6))
-        cases.append(Case("aten.rms_norm.default", x, ns))
-        cases.append(Case("aten.rms_norm.default", x, ns, None, None))
+        cases.append(Case("aten.rms_norm.default", x, ns, None, None))  # eps None: finfo.eps
         cases.append(Case("aten.rms_norm.default", x, ns, w))
     cases.append(Case("aten.layer_norm.default", randn(2, 5), [5]))
-    for shape, g in [((2, 6, 5), 3), ((2, 4, 3, 3), 2), ((2, 4, 3, 3), 4), ((2, 6), 2),
-                     ((1, 6, 2, 2, 2), 1)]:
+    cases.append(Case("aten.rms_norm.default", randn(2, 5), [5]))
+    for shape, g in [((2, 6, 5), 3), ((2, 4, 3, 3), 2), ((2, 6), 2)]:
         c = shape[1]
         x = randn(*shape, scale=2.0) - 1.0
         cases.append(Case("aten.group_norm.default", x, g, randn(c), randn(c), 1e-5, True))
@@ -550,24 +582,21 @@ def _unary_cases():
         x = _wide(3, 8) if name != "exp" else randn(3, 8, scale=3.0)
         cases.append(Case(f"aten.{name}.default", x))
     for name in ("log", "sqrt", "rsqrt"):
-        cases.append(Case(f"aten.{name}.default", positive(3, 7)))
-    cases.append(Case("aten.reciprocal.default", away_from_zero(3, 7)))
-    cases.append(Case("aten.round.default", halves(4, 8)))
-    cases.append(Case("aten.floor.default", halves(4, 8)))
-    cases.append(Case("aten.ceil.default", halves(4, 8)))
-    cases.append(Case("aten.trunc.default", halves(4, 8)))
-    cases.append(Case("aten.sign.default", halves(4, 8)))
+        cases.append(Case(f"aten.{name}.default", positive(3, 8)))
+    cases.append(Case("aten.reciprocal.default", away_from_zero(3, 8)))
+    cases.append(Case("aten.round.default", halves(3, 8)))
+    cases.append(Case("aten.floor.default", halves(3, 8)))
+    cases.append(Case("aten.ceil.default", halves(3, 8)))
+    cases.append(Case("aten.trunc.default", halves(3, 8)))
+    cases.append(Case("aten.sign.default", halves(3, 8)))
     cases.append(Case("aten.abs.default", randint(-5, 5, 3, 4)))
     cases.append(Case("aten.neg.default", randint(-5, 5, 3, 4)))
     cases.append(Case("aten.sign.default", randint(-5, 5, 3, 4)))
-    cases.append(Case("aten.relu.default", randint(-5, 5, 3, 4)))
-    x = _wide(2, 12)
+    x = _wide(3, 8)
     cases += [
         Case("aten.hardtanh.default", x),
         Case("aten.hardtanh.default", x, -2.0, 3.5),
-        Case("aten.hardtanh.default", x, 0.0, 6.0),
         Case("aten.gelu.default", x),
-        Case("aten.gelu.default", x, approximate="none"),
         Case("aten.gelu.default", x, approximate="tanh"),
         Case("aten.leaky_relu.default", x),
         Case("aten.leaky_relu.default", x, 0.2),
@@ -593,29 +622,28 @@ def _unary_cases():
         Case("aten.clamp_min.default", randint(-5, 5, 3, 4), 0),
         Case("aten.pow.Tensor_Scalar", x, 2),
         Case("aten.pow.Tensor_Scalar", x, 3),
-        Case("aten.pow.Tensor_Scalar", away_from_zero(3, 4), -2),
+        Case("aten.pow.Tensor_Scalar", away_from_zero(3, 8), -2),
         Case("aten.pow.Tensor_Scalar", x, 0),
-        Case("aten.pow.Tensor_Scalar", positive(3, 4), 0.5),
-        Case("aten.pow.Tensor_Scalar", positive(3, 4), -1.5),
-        Case("aten.pow.Tensor_Scalar", x, 2.0),
+        Case("aten.pow.Tensor_Scalar", positive(3, 8), 0.5),
+        Case("aten.pow.Tensor_Scalar", positive(3, 8), -1.5),
         Case("aten.pow.Tensor_Scalar", randint(-4, 4, 3, 4), 3),
         Case("aten.pow.Tensor_Scalar", randint(-4, 4, 3, 4), 0.5),
-        Case("aten.pow.Tensor_Tensor", positive(3, 4), randn(4)),
+        Case("aten.pow.Tensor_Tensor", positive(3, 8), randn(8)),
         Case("aten.pow.Tensor_Tensor", randn(3, 4), randint(0, 4, 3, 1).astype(np.float32)),
         Case("aten.pow.Tensor_Tensor", randint(0, 4, 3, 4), randint(0, 4, 4)),
         Case("aten.pow.Scalar", 2.0, randn(3, 4)),
         Case("aten.pow.Scalar", 2, randint(0, 6, 3, 4)),
         Case("aten.pow.Scalar", 0.5, randint(0, 6, 3)),
-        Case("aten.isnan.default", special(3, 5)),
-        Case("aten.isinf.default", special(3, 5)),
+        Case("aten.isnan.default", special(3, 8)),
+        Case("aten.isinf.default", special(3, 8)),
         Case("aten.logical_not.default", randbool(3, 4)),
-        Case("aten.logical_not.default", special(3, 4)),
+        Case("aten.logical_not.default", special(3, 8)),
         Case("aten.logical_not.default", randint(-2, 2, 3, 4)),
         Case("aten.bitwise_not.default", randbool(3, 4)),
         Case("aten.bitwise_not.default", randint(-100, 100, 3, 4)),
     ]
-    for name in ("relu", "sigmoid", "tanh", "exp", "abs", "neg", "sign", "floor", "isnan", "isinf"):
-        cases.append(Case(f"aten.{name}.default", special(2, 6)))
+    for name in ("relu", "sigmoid", "tanh", "exp", "abs", "sign", "floor", "log_sigmoid"):
+        cases.append(Case(f"aten.{name}.default", special(3, 8)))
     return cases
 
 
@@ -776,6 +804,30 @@ def test_binary(case):
     run_case(case)
 
 
+def _attention_cases():
+    op = "aten.scaled_dot_product_attention.default"
+    q, k, v = randn(2, 2, 5, 4), randn(2, 2, 6, 4), randn(2, 2, 6, 4)
+    bool_mask = randbool(5, 6)
+    bool_mask[:, 0] = True
+    dead = bool_mask.copy()
+    dead[2] = False  # a query row with every key masked: torch gives zeros
+    return [
+        Case(op, q, k, v),
+        Case(op, q, k, v, bool_mask),
+        Case(op, q, k, v, dead),
+        Case(op, q, k, v, randn(2, 1, 5, 6)),  # additive float mask
+        Case(op, q, k, v, None, 0.0, True),  # causal, L < S (top-left aligned)
+        Case(op, q, randn(2, 2, 5, 4), randn(2, 2, 5, 4), None, 0.0, True, scale=0.3),
+        Case(op, randn(2, 4, 5, 4), k, v, bool_mask, enable_gqa=True),
+        Case(op, randn(5, 4), randn(6, 4), randn(6, 4)),
+    ]
+
+
+@pytest.mark.parametrize("case", group(_attention_cases()))
+def test_attention(case):
+    run_case(case)
+
+
 # ------------------------------------------------------------------------------------------------
 # Shape and indexing
 # ------------------------------------------------------------------------------------------------
@@ -905,10 +957,8 @@ def _shape_cases():
         Case("aten.index_select.default", randn(6), 0, randint(0, 6, 4)),
         Case("aten.index.Tensor", x, [randint(0, 2, 4)]),
         Case("aten.index.Tensor", x, [None, randint(-3, 3, 2, 2)]),
-        Case("aten.index.Tensor", x, [None, None, randint(0, 4, 5)]),
         Case("aten.index.Tensor", x, [randint(0, 2, 3, 1), None, randint(0, 4, 5)]),  # separated
         Case("aten.index.Tensor", x, [None, randint(0, 3, 3, 1), randint(0, 4, 1, 5)]),  # adjacent
-        Case("aten.index.Tensor", x, [randint(0, 2, 2), randint(0, 3, 2), randint(0, 4, 2)]),
         Case("aten.index.Tensor", x, [randint(0, 2, 1), randint(-3, 0, 4)]),
         Case("aten.index.Tensor", x, [scalar_array(1, np.int64)]),
         Case("aten.gather.default", x, 1, randint(0, 3, 2, 5, 4)),
@@ -1132,6 +1182,8 @@ def _signature(fn):
 def test_signature_accepts_aten_schema(name):
     """The lowering takes the overload's positional arguments (trailing defaults omitted or not)
     and its keyword-only arguments by name, as the importer passes them."""
+    if name in UNTESTABLE:
+        pytest.skip(UNTESTABLE[name])
     op = resolve(name) or resolve(REF_ALIASES.get(name, "aten.none.none"))
     assert op is not None, f"{name}: not a torch overload and no reference alias"
     sig = _signature(LOWERINGS[name])

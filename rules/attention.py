@@ -1,0 +1,117 @@
+"""Attention and products of two activations (spec §4.9 canonical, §4.11, §9.8-9.10, §9.16).
+
+**Bilinear rule** (§4.11, §4.9 step 4). For C = A B between two relevance-carrying tensors, each
+C[t, e] is a bias-free unit over the contraction index k with contributions A[t, k] B[k, e]; its
+relevance is shared over k in proportion to |A[t, k] B[k, e]| and each pair's share is split between
+the two factors with fractions (f_A, f_B):
+
+    G = R / (|A| |B|)   (0 where the total is 0, §9.16)
+    R_A = f_A |A| * (G |B|^T),   R_B = f_B |B| * (|A|^T G)
+
+(f_A, f_B) = (1/2, 1/2) for a generic product; in O = A V with A the attention probabilities
+(the output of a softmax, through casts/dropout/reshapes) A gets 1 - phi and V gets phi
+(§9.8; phi = ``attention_value_fraction``, default 1/2).
+
+**scaled_dot_product_attention kept whole** is exactly the composition of the generic rules over
+its math decomposition (§9.8): the bilinear rule for O = A V (A: 1 - phi, V: phi), identity through
+softmax, the add rule for the additive mask at score level (scores keep |S| / (|S| + |m|) of the
+relevance; the mask's share is dropped and reported as absorbed; for 0/-inf boolean and causal
+masks nothing is dropped at attended positions and masked keys get exactly 0, §9.9, §9.10),
+identity through the scale, the bilinear rule (1/2, 1/2) for S = Q K^T, and sums over repeated
+key/value heads for grouped-query attention. All maps are non-negative and the totals with
+phi = 1/2 and no float mask are V 1/2, Q 1/4, K 1/4.
+
+Contrastive mode (§9.17, experimental): each stream is split with the same shares; the mask add
+is a one-sided unit for each stream, so both streams pass to the scores whole (the mask takes no
+share, like a bias in §3.2).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from .._attention import sdpa_parts
+from .._lowering import HIGHEST
+from ._math import safe_div, unbroadcast
+from ._registry import Streams, register
+
+__all__ = ["bilinear_shares", "sdpa_relevance"]
+
+
+def _mt(x):
+    return jnp.swapaxes(x, -1, -2)
+
+
+def _mm(a, b):
+    return jnp.matmul(a, b, precision=HIGHEST)
+
+
+def bilinear_shares(a, b, R, fa=0.5, fb=0.5):
+    """(R_a, R_b) for C = a @ b (both with at least 2 dims; batch dims broadcast)."""
+    A, B = jnp.abs(a), jnp.abs(b)
+    G = safe_div(R, _mm(A, B))
+    ra = fa * A * _mm(G, _mt(B))
+    rb = fb * B * _mm(_mt(A), G)
+    return unbroadcast(ra, a.shape), unbroadcast(rb, b.shape)
+
+
+def _fold_heads(r, n_kv):
+    """Sum relevance of repeated key/value heads (axis -3) back into their source head."""
+    h = r.shape[-3]
+    if h == n_kv:
+        return r
+    rep = h // n_kv
+    return r.reshape(r.shape[:-3] + (n_kv, rep) + r.shape[-2:]).sum(axis=-3)
+
+
+def sdpa_relevance(R, query, key, value, attn_mask=None, is_causal=False, scale=None,
+                   enable_gqa=False, phi=0.5, contrastive=False):
+    """Relevance of (query, key, value) and the mask's absorbed share for one stream."""
+    scores, mask, probs, k_rep, v_rep = sdpa_parts(query, key, value, attn_mask, is_causal, scale,
+                                                  enable_gqa)
+    R_a, R_v = bilinear_shares(probs, v_rep, R, 1.0 - phi, phi)
+    absorbed = jnp.zeros((), R.dtype)
+    if mask is None:
+        R_s = R_a
+    elif contrastive:
+        R_s = jnp.where(scores != 0, R_a, 0)
+    else:
+        s_abs = jnp.abs(scores)
+        m_abs = jnp.broadcast_to(jnp.abs(mask), scores.shape)
+        rd = safe_div(R_a, s_abs + m_abs)
+        R_s = rd * s_abs
+        absorbed = jnp.sum(jnp.where(rd > 0, rd * m_abs, 0))
+    R_q, R_kt = bilinear_shares(query, _mt(k_rep), R_s)
+    R_k = _fold_heads(_mt(R_kt), key.shape[-3])
+    R_v = _fold_heads(R_v, value.shape[-3])
+    return (unbroadcast(R_q, query.shape), unbroadcast(R_k, key.shape),
+            unbroadcast(R_v, value.shape), absorbed)
+
+
+def _sdpa_check(carries):
+    if len(carries) > 3 and carries[3]:
+        return "the attention mask carries relevance; only constant masks are supported"
+    return None
+
+
+def _sdpa(ctx, R, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *,
+          scale=None, enable_gqa=False):
+    contrastive = ctx.options.contrastive
+    streams = R if contrastive else (R,)
+    results = []
+    for r in streams:
+        q, k, v, absorbed = sdpa_relevance(r, query, key, value, attn_mask, is_causal, scale,
+                                           enable_gqa, ctx.options.phi, contrastive)
+        results.append((q, k, v))
+        if not contrastive:
+            ctx.absorb(absorbed)
+    if contrastive:
+        (q1, k1, v1), (q2, k2, v2) = results
+        q, k, v = Streams(q1, q2), Streams(k1, k2), Streams(v1, v2)
+    else:
+        q, k, v = results[0]
+    return tuple(r if ctx.carrying(i) else None for i, r in enumerate((q, k, v)))
+
+
+register("aten.scaled_dot_product_attention.default", default=_sdpa, contrastive=_sdpa,
+         check=_sdpa_check, section="§4.9, §9.8-9.10")
