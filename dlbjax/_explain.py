@@ -26,6 +26,9 @@ from .rules import Options, Streams
 __all__ = ["explain", "Explainer", "Explanation", "Conservation"]
 
 _MODES = {"default": "default", "contrastive": "contrastive", "contrast": "contrastive"}
+# "signal_take_all" is defined for the gate/signal products of recurrent layers only (spec §4.7,
+# §10 R4); a generic product of two activations raises with it (rules.elementwise.product_shares).
+PRODUCT_RULES = ("half", "dlb", "signal_take_all")
 
 
 @dataclass
@@ -99,8 +102,9 @@ def _check_options(mode, multiplier, batch_axis, product_rule):
         raise ValueError(f"multiplier must be a positive finite number, not {multiplier!r}")
     if batch_axis not in (0, None):
         raise ValueError("batch_axis must be 0 (rows along axis 0) or None (inputs are one example)")
-    if product_rule not in ("half", "dlb"):
-        raise ValueError(f"product_rule must be 'half' or 'dlb', not {product_rule!r}")
+    if product_rule not in PRODUCT_RULES:
+        raise ValueError(f"product_rule must be one of {', '.join(map(repr, PRODUCT_RULES))}, not "
+                         f"{product_rule!r}")
     return _MODES[mode.lower()], m
 
 
@@ -149,7 +153,9 @@ class Explainer:
     ``task`` ("auto" | "classification" | "binary" | "regression"), ``layers`` (keep relevance at
     every IR variable), ``output`` (index or name of the explained model output), ``batch_axis``
     (0 or None), ``experimental_gating`` (GELU/SiLU/relu6/hardtanh entries of spec §2.2),
-    ``product_rule`` ("half" | "dlb", for products of two activations),
+    ``product_rule`` ("half" | "dlb" | "signal_take_all", for products of two activations and the
+    gate products of LSTM/GRU layers; "signal_take_all" gives gates 0 and is defined only for
+    recurrent layers: a model with another product of two activations raises ValueError),
     ``attention_value_fraction`` (phi of spec §4.9: the share of attention relevance that goes to
     the values; 1 - phi goes to queries and keys; default 1/2), ``buckets`` (None, True for powers
     of two from 8 up to the model's maximum length, or a list of lengths: token inputs are padded

@@ -700,7 +700,7 @@ def roll(self, shifts, dims=()):
 @lowering("aten.narrow.default")
 def narrow(self, dim, start, length):
     d = _dim(dim, self.ndim)
-    start = start + self.shape[d] if start < 0 else start  # torch counts a negative start from the end
+    start = start + self.shape[d] if start < 0 else start  # negative: counted from the end
     return slice_(self, d, start, start + length)
 
 
@@ -725,6 +725,142 @@ def gather(self, dim, index, *, sparse_grad=False):
 @lowering("aten.embedding.default")
 def embedding(weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=False):
     return jnp.take(weight, indices, axis=0)
+
+
+def embedding_bag_members(indices, offsets, n_bags, include_last_offset=False, padding_idx=-1):
+    """Bag id of every index (offsets mark bag starts) and whether it counts (inside a bag and
+    not ``padding_idx``). Works for offsets that are traced values."""
+    pos = jnp.arange(indices.shape[0])
+    starts = offsets[:n_bags]
+    bag = jnp.searchsorted(starts, pos, side="right") - 1
+    valid = bag >= 0
+    if include_last_offset:
+        valid = valid & (pos < offsets[n_bags])
+    if padding_idx is not None and padding_idx >= 0:
+        valid = valid & (indices != padding_idx)
+    return jnp.clip(bag, 0, max(n_bags - 1, 0)), valid
+
+
+@lowering("aten._embedding_bag.default", "aten._embedding_bag_forward_only.default")
+def embedding_bag(weight, indices, offsets, scale_grad_by_freq=False, mode=0, sparse=False,
+                  per_sample_weights=None, include_last_offset=False, padding_idx=-1):
+    """``nn.EmbeddingBag`` on flat indices: bag b = sum (mode 0), mean (1) or max (2) of the rows
+    of its members (times ``per_sample_weights`` in sum mode); empty bags give zeros. The three
+    auxiliary outputs (offset2bag, bag_size, max_indices) have torch's shapes; their values are
+    the bag ids, member counts and the row index of each maximum (or zeros)."""
+    n = offsets.shape[0] - 1 if include_last_offset else offsets.shape[0]
+    bag, valid = embedding_bag_members(indices, offsets, n, include_last_offset, padding_idx)
+    rows = jnp.take(weight, indices, axis=0)
+    if per_sample_weights is not None:
+        rows = rows * per_sample_weights[:, None].astype(rows.dtype)
+    count = jax.ops.segment_sum(valid.astype(jnp.int32), bag, num_segments=n)
+    if mode == 2:
+        masked = jnp.where(valid[:, None], rows, -jnp.inf)
+        out = jax.ops.segment_max(masked, bag, num_segments=n)
+        out = jnp.where(count[:, None] > 0, out, 0).astype(weight.dtype)
+        winner = jnp.where(valid[:, None] & (masked == out[bag]), indices[:, None], -1)
+        max_idx = jnp.maximum(jax.ops.segment_max(winner, bag, num_segments=n), 0)
+    else:
+        out = jax.ops.segment_sum(jnp.where(valid[:, None], rows, 0), bag, num_segments=n)
+        if mode == 1:
+            out = out / jnp.maximum(count, 1)[:, None].astype(out.dtype)
+        max_idx = jnp.zeros((n,), indices.dtype)
+    fast_sum = mode == 0 and (padding_idx is None or padding_idx < 0)
+    offset2bag = jnp.zeros((0,), indices.dtype) if fast_sum else bag.astype(indices.dtype)
+    return out, offset2bag, count.astype(indices.dtype), max_idx.astype(indices.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Recurrent layers, kept whole (aten.lstm.input, aten.gru.input): one lax.scan per layer and
+# direction. The relevance rules (rules/recurrent.py) reuse these cells.
+# ------------------------------------------------------------------------------------------------
+def rnn_weights(params, has_biases, num_layers, bidirectional):
+    """torch's flat ``params`` list -> ``[layer][direction] = (w_ih, w_hh, b_ih, b_hh)``.
+
+    torch orders it per layer, per direction (forward, then ``_reverse``): w_ih, w_hh and, with
+    biases, b_ih, b_hh. Without biases both are None."""
+    dirs = 2 if bidirectional else 1
+    per = 4 if has_biases else 2
+    if len(params) != num_layers * dirs * per:
+        raise NotImplementedError("recurrent layer with a projection (nn.LSTM proj_size > 0) is not "
+                                  "supported")
+    layers = []
+    for k in range(0, len(params), per):
+        p = params[k:k + per]
+        if (k // per) % dirs == 0:
+            layers.append([])
+        layers[-1].append((p[0], p[1], p[2] if has_biases else None, p[3] if has_biases else None))
+    return layers
+
+
+def rnn_affine(x, w, b):
+    """x W^T + b over the last axis (one of the two bracketed terms of a gate pre-activation)."""
+    y = jnp.matmul(x, w.T, precision=HIGHEST)
+    return y if b is None else y + b
+
+
+def lstm_step(w_hh, b_hh, xg, h, c):
+    """One LSTM step from the input term xg = W_ih x_t + b_ih; gates i, f, g, o (torch order)."""
+    a = xg + rnn_affine(h, w_hh, b_hh)
+    i, f, g, o = jnp.split(a, 4, axis=-1)
+    c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+    return jax.nn.sigmoid(o) * jnp.tanh(c), c
+
+
+def gru_step(w_hh, b_hh, xg, h):
+    """One GRU step from xg = W_ih x_t + b_ih; gates r, z, n (torch order):
+    n = tanh(x_n + r (W_hn h + b_hn)), h' = (1 - z) n + z h."""
+    xr, xz, xn = jnp.split(xg, 3, axis=-1)
+    hr, hz, hn = jnp.split(rnn_affine(h, w_hh, b_hh), 3, axis=-1)
+    r = jax.nn.sigmoid(xr + hr)
+    z = jax.nn.sigmoid(xz + hz)
+    n = jnp.tanh(xn + r * hn)
+    return (1 - z) * n + z * h
+
+
+def _rnn(kind, input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
+         batch_first):
+    if train and dropout:
+        raise NotImplementedError("recurrent layer with dropout in training mode")
+    if input.ndim != 3:
+        raise NotImplementedError("recurrent layer on an unbatched (2-D) input")
+    x = jnp.swapaxes(input, 0, 1) if batch_first else input  # [T, B, I]
+    states = list(hx) if kind == "lstm" else [hx]
+    layers = rnn_weights(params, has_biases, num_layers, bidirectional)
+    finals = [[] for _ in states]
+    for layer_index, layer in enumerate(layers):
+        outs = []
+        for d, (w_ih, w_hh, b_ih, b_hh) in enumerate(layer):
+            k = layer_index * len(layer) + d
+            step = lstm_step if kind == "lstm" else gru_step
+
+            def body(carry, xg_t, step=step, w_hh=w_hh, b_hh=b_hh):
+                new = step(w_hh, b_hh, xg_t, *carry)
+                new = new if isinstance(new, tuple) else (new,)
+                return new, new[0]
+
+            last, hs = lax.scan(body, tuple(s[k] for s in states), rnn_affine(x, w_ih, b_ih),
+                                reverse=d == 1)
+            outs.append(hs)
+            for f, s in zip(finals, last):
+                f.append(s)
+        x = jnp.concatenate(outs, axis=-1)  # inter-layer dropout: identity in eval
+    out = jnp.swapaxes(x, 0, 1) if batch_first else x
+    return (out,) + tuple(jnp.stack(f) for f in finals)
+
+
+@lowering("aten.lstm.input")
+def lstm(input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first):
+    """``nn.LSTM``: returns (output, h_n, c_n)."""
+    return _rnn("lstm", input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
+                batch_first)
+
+
+@lowering("aten.gru.input")
+def gru(input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first):
+    """``nn.GRU``: returns (output, h_n)."""
+    return _rnn("gru", input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
+                batch_first)
 
 
 @lowering("aten.dropout.default", "aten.feature_dropout.default", "aten.alpha_dropout.default")

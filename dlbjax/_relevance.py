@@ -36,7 +36,9 @@ NON_VALUE_OPS = frozenset({
     "aten.new_full.default", "aten.new_empty.default", "aten.empty_permuted.default",
     "aten.sym_size.int", "aten.scalar_tensor.default",
 })
-EMBEDDING_OPS = frozenset({"aten.embedding.default"})
+# Ops whose argument 1 is an index into a constant table: integer ids there carry token relevance.
+EMBEDDING_OPS = frozenset({"aten.embedding.default", "aten._embedding_bag.default",
+                           "aten._embedding_bag_forward_only.default"})
 # Normalisation statistics (§9.4): a written-out norm x * rsqrt(mean(x^2) + eps) is identity for x;
 # the statistics branch carries no relevance.
 STATISTIC_OPS = frozenset({"aten.rsqrt.default"})

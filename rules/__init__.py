@@ -6,12 +6,13 @@
 
 Adding an op is one ``register(...)`` call (see ``_registry.Rule`` for the calling convention)
 plus one test. Modules: ``affine`` (dense, conv), ``elementwise`` (add, products, activations,
-norms), ``routing`` (exact index maps), ``pooling`` (pools and reductions), ``embedding``.
+norms), ``routing`` (exact index maps), ``pooling`` (pools and reductions), ``embedding``,
+``recurrent`` (LSTM, GRU, EmbeddingBag).
 """
 
 from ._registry import (PER_STREAM, RULES, GateSpec, Options, Rule, RuleContext, Streams, get_rule,
                         register)
-from . import affine, attention, elementwise, embedding, pooling, routing  # noqa: F401  (populate RULES)
+from . import affine, attention, elementwise, embedding, pooling, recurrent, routing  # noqa: F401  (populate RULES)
 from ._math import (contrastive_coeffs, default_coeffs, gates, linear_operator_rule, unbroadcast,
                     unit_rule)
 from .elementwise import EXPERIMENTAL_GATES, GATES, product_shares

@@ -143,14 +143,26 @@ def _transpose(lin: Callable, x, w, cts):
 
 
 def linear_operator_rule(lin: Callable, x, w, b, R, contrastive: bool,
-                         gate: Optional[GateSpec] = None):
-    """The dense/conv rule in sign-split GEMM form (spec §2.6 default, §3.5 contrastive).
+                         gate: Optional[GateSpec] = None, y=None, exact: bool = False):
+    """The dense/conv rule for a linear operator (spec §2.1/§2.6 default, §3.2/§3.5 contrastive).
 
     ``lin(x, w)`` is linear in x and in w (matmul, conv, transposed conv, ...), ``b`` the bias
-    broadcast to the output shape (or None). Returns (R_x, kept) where kept is the bias share
-    (an array of output shape, default mode only; None in contrastive mode, where the bias takes
-    no share).
+    broadcast to the output shape (or None), ``y`` the recorded output ``lin(x, w) + b`` (computed
+    if not given). Returns (R_x, kept) where kept is the bias share (an array of output shape in
+    default mode; None in contrastive mode, where the bias takes no share).
+
+    Default mode uses the magnitude form: with S = |x| |W|^T = P + N, an ungated unit has
+    D = S + |b| and R_x = |x| * ((R / D) |W|) (one extra product and one transposed product; no
+    cancellation anywhere). A unit gated by a monotone activation gets P = (S + y - b)/2 and
+    N = (S - y + b)/2 (clamped at 0); with a = g+ R/D, c = g- R/D, u = (a + c)/2, v = (a - c)/2 the
+    input relevance is |x| * (u |W|) + x * (v W). This equals the per-unit rule exactly in exact
+    arithmetic: a coefficient only multiplies contributions of its own sign, and whenever a side is
+    gated by a monotone bound D > S/2, so the subtraction loses at most a few ulps of D.
+    Non-monotone (experimental) gates, contrastive mode and ``exact=True`` use the sign-split GEMM
+    form of §2.6/§3.5 (two forward and two transposed products of [x+, x-] with W+ and W-).
     """
+    if not contrastive and not exact and (gate is None or gate.fn is None):
+        return _magnitude_rule(lin, x, w, b, R, gate, y)
     xp, xn = relu(x), relu(-x)
     wp, wn = relu(w), relu(-w)
     both = jnp.stack([xp, xn])
@@ -170,3 +182,23 @@ def linear_operator_rule(lin: Callable, x, w, b, R, contrastive: bool,
     pos = xp * (gp_[0] + gn_[1]) + xn * (gn_[0] + gp_[1])
     neg = xp * (gp_[2] + gn_[3]) + xn * (gn_[2] + gp_[3])
     return Streams(pos, neg), None
+
+
+def _magnitude_rule(lin, x, w, b, R, gate, y):
+    ax, aw = jnp.abs(x), jnp.abs(w)
+    S = lin(ax, aw)
+    babs = jnp.zeros_like(S) if b is None else jnp.abs(jnp.broadcast_to(b, S.shape)).astype(S.dtype)
+    if gate is None:
+        rd = safe_div(R, S + babs)
+        return ax * _transpose(lin, x, aw, rd[None])[0], rd * babs
+    b = jnp.zeros_like(S) if b is None else jnp.broadcast_to(b, S.shape).astype(S.dtype)
+    T = lin(x, w) + b if y is None else jnp.asarray(y, S.dtype)
+    P = relu((S + (T - b)) / 2)
+    N = relu((S - (T - b)) / 2)
+    gp, gn = gates(T, P, N, b, gate)
+    D = jnp.where(gp, P, 0) + jnp.where(gn, N, 0) + babs
+    rd = safe_div(R, D)
+    a, c = jnp.where(gp, rd, 0), jnp.where(gn, rd, 0)
+    u = _transpose(lin, x, aw, ((a + c) / 2)[None])[0]
+    v = _transpose(lin, x, w, ((a - c) / 2)[None])[0]
+    return ax * u + x * v, rd * babs

@@ -51,7 +51,7 @@ def _channel_bias(bias, weight, out):
 
 
 def _run(ctx, R, nargs, pos, lin, x, w, b):
-    rel, kept = linear_operator_rule(lin, x, w, b, R, ctx.options.contrastive, ctx.gate)
+    rel, kept = linear_operator_rule(lin, x, w, b, R, ctx.options.contrastive, ctx.gate, y=ctx.out)
     if kept is not None:
         ctx.absorb(jnp.sum(kept))
     out = [None] * nargs

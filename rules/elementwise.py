@@ -71,6 +71,9 @@ def product_shares(a, b, R, rule: str):
 
     ``"half"`` (default): R/2 to each factor whatever their values. ``"dlb"`` (MIT parity):
     R_a = R |ab - a| / (|ab - a| + |ab - b|), R_b = R - R_a, with 0/0 -> 1/2 each (§7.3).
+    ``"signal_take_all"`` needs to know which factor is a gate: it is defined for the gate products
+    of recurrent layers only (``rules.recurrent.gate_shares``), so a generic product of two
+    activations raises ValueError with it (decision: no silent fallback to "half").
     """
     if rule == "half":
         return R / 2, R / 2
@@ -80,6 +83,11 @@ def product_shares(a, b, R, rule: str):
         tot = da + db
         fa = jnp.where(tot > 0, da / jnp.where(tot > 0, tot, 1), 0.5)
         return R * fa, R * (1 - fa)
+    if rule == "signal_take_all":
+        raise ValueError("product_rule='signal_take_all' is defined only for the gates of LSTM/GRU "
+                         "layers; this model also multiplies two activations elsewhere (a gated "
+                         "MLP, attention, a division by an activation), where no factor is a gate. "
+                         "Use product_rule='half' or 'dlb'.")
     raise ValueError(f"unknown product rule {rule!r} (use 'half' or 'dlb')")
 
 

@@ -269,3 +269,25 @@ def test_explain_uses_the_same_pass():
         np.testing.assert_allclose(e.relevance["x"][i], np.asarray(out["relevance"]["x"][0])[0],
                                    rtol=1e-6, atol=1e-6)
     assert isinstance(dlbjax.Explanation, type)
+
+
+# ---- the magnitude form equals the sign-split GEMM form --------------------------------------------
+@given(seed=seeds, gate=st.sampled_from([None, "relu", "tanh", "sigmoid", "softmax"]),
+       big_bias=st.booleans())
+def test_magnitude_form_equals_sign_split_form(seed, gate, big_bias):
+    """The fast default-mode form (one extra product) agrees with §2.6's exact form, gates included."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(3, 7)) * 2
+    x[rng.random(x.shape) < 0.2] = 0
+    W = rng.normal(size=(5, 7))
+    W[rng.random(W.shape) < 0.2] = 0
+    b = rng.normal(size=(1, 5)) * (4 if big_bias else 1)
+    R = np.abs(rng.normal(size=(3, 5)))
+    g = None if gate is None else GATES[gate]
+    with jax.enable_x64(True):
+        args = (lambda v, w: v @ w.T, jnp.asarray(x), jnp.asarray(W), jnp.asarray(b),
+                jnp.asarray(R), False, g)
+        fast, k_fast = linear_operator_rule(*args)
+        exact, k_exact = linear_operator_rule(*args, exact=True)
+    np.testing.assert_allclose(np.asarray(fast), np.asarray(exact), rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(np.asarray(k_fast), np.asarray(k_exact), rtol=1e-12, atol=1e-13)
