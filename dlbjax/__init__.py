@@ -9,13 +9,17 @@ The algorithm is the DLBacktrace rule set (arXiv 2411.12643) in default and cont
 restated in the project's specification; see README.md for the supported models and operators.
 """
 
-from ._errors import (DLBJaxError, ExportError, InputMismatchError, InvalidProgramError,
+from ._errors import (DLBJaxError, DtypeError, ExportError, InputMismatchError, InvalidProgramError,
                       NonFiniteError, TargetError, UnsupportedOp, UnsupportedOperationError)
 from ._explain import Conservation, Explainer, Explanation, explain
+from ._cache import enable_compilation_cache
+from ._dataset import load_results
+from ._generate import Generation, generate
 from .rules import Streams
 
 __version__ = "0.1.0"
 
 __all__ = ["explain", "Explainer", "Explanation", "Conservation", "Streams", "DLBJaxError",
            "UnsupportedOperationError", "UnsupportedOp", "InputMismatchError", "ExportError",
-           "InvalidProgramError", "TargetError", "NonFiniteError", "__version__"]
+           "InvalidProgramError", "TargetError", "NonFiniteError", "DtypeError", "load_results",
+           "enable_compilation_cache", "generate", "Generation", "__version__"]

@@ -64,3 +64,9 @@ class TargetError(DLBJaxError, ValueError):
 
 class NonFiniteError(DLBJaxError, ValueError):
     """NaN or infinite values in the inputs or the model's parameters."""
+
+
+class DtypeError(DLBJaxError, TypeError):
+    """A model dlbjax cannot explain faithfully at its dtype: float64 while JAX's 64-bit mode is
+    off (it would silently run in float32), or only integer inputs and no embedding lookup (no
+    input could carry relevance)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -12,10 +13,15 @@ import numpy as np
 import torch
 
 from ._buckets import Bucketing
-from ._errors import InputMismatchError, NonFiniteError, TargetError
+from ._errors import DtypeError, InputMismatchError, NonFiniteError, TargetError
 from ._fuse import fuse_modules
+from ._moe import find_moe_layers, static_experts_copy
 from ._interpret import constants_to_jax
 from ._lowering import jnp_dtype
+from ._magnitudes import precompute_magnitudes as _precompute_magnitudes
+from ._magnitudes import restore_layouts as _restore_layouts
+from ._parallel import call_compiled, run_rows
+from ._precision import resolve_compute_dtype
 from ._relevance import analyze, relevance_row
 from ._seed import TASK_ALIASES, check_targets, resolve_task, seed_fn, target_size
 from .importers import BoundInputs, bind_inputs, import_bound
@@ -72,6 +78,9 @@ class Explanation:
     embedding's hidden axis). ``prediction``: the explained model output. ``target``: the seeded
     class per row. ``layers``: relevance at every relevance-carrying IR variable, keyed
     ``"<module path>/<variable>"`` (only with ``layers=True``). ``conservation``: per-row totals.
+    ``experts`` (mixture-of-experts models): one dict per routed layer with ``layer`` (module
+    path), ``per_expert`` [rows, num_experts] and ``per_token`` [rows, tokens, num_experts]: the
+    relevance that went through each selected expert (summed over the hidden axis).
     """
 
     relevance: dict
@@ -83,6 +92,7 @@ class Explanation:
     multiplier: float
     outputs: dict = field(default_factory=dict)
     layers: Optional[dict] = None
+    experts: Optional[list] = None
 
     def __repr__(self) -> str:
         shapes = {k: (tuple(v.positive.shape) if isinstance(v, Streams) else tuple(v.shape))
@@ -139,6 +149,90 @@ def _row_slice(bound, batch_axis):
     return pytree.tree_map(first, bound.args), pytree.tree_map(first, bound.kwargs), n
 
 
+def _check_devices(model, bound) -> None:
+    """Before export: tensors with values, inputs on one device, the model's device (torch.export
+    would fail later with a fake-tensor device error), float inputs of the parameters' dtype.
+    dlbjax copies weights and inputs to the host and computes on JAX's default device, whatever
+    the torch device."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+            if t.device.type == "meta"]
+    if meta:
+        raise InputMismatchError(
+            f"the model's parameter or buffer '{meta[0]}' is on the 'meta' device and holds no "
+            "values; materialise the weights first (e.g. model.to_empty(device='cpu') and "
+            "load_state_dict, or from_pretrained without device_map='meta')")
+    devices = {}
+    for name, t in zip(bound.names, bound.tensors):
+        if t.device.type == "meta":
+            raise InputMismatchError(f"input '{name}' is on the 'meta' device and holds no values; "
+                                     "pass a tensor with data (e.g. on the CPU)")
+        devices.setdefault(t.device, name)
+    if len(devices) > 1:
+        where = ", ".join(f"'{n}' on {d}" for d, n in devices.items())
+        raise InputMismatchError(f"the inputs are on different devices ({where}); move them to "
+                                 "the model's device")
+    model_devices = {t.device for t in tensors}
+    if len(model_devices) == 1 and devices and set(devices) != model_devices:
+        (md,), ((d, n),) = model_devices, devices.items()
+        raise InputMismatchError(
+            f"input '{n}' is on {d} but the model's parameters are on {md}; move the inputs to the "
+            f"model's device (x.to('{md}')) or the model to the inputs'. dlbjax copies both to the "
+            "host and computes on JAX's default device either way")
+    model_dtypes = {t.dtype for t in tensors if t.is_floating_point()}
+    if len(model_dtypes) == 1:
+        (md,) = model_dtypes
+        for name, t in zip(bound.names, bound.tensors):
+            if t.is_floating_point() and t.dtype != md:
+                raise InputMismatchError(
+                    f"input '{name}' has dtype {t.dtype} but the model's parameters are {md}; cast "
+                    f"the input (x.to({md})) or the model (model.to({t.dtype}))")
+
+
+def _check_dtypes(program, analysis) -> bool:
+    """Raise DtypeError for what would otherwise explain silently wrong; returns whether the
+    program needs jax_enable_x64 (float64 inputs, parameters or buffers)."""
+    def wide(vs):
+        return sorted({v.name for v in vs if v.dtype in ("float64", "complex128")})
+
+    model_wide = wide(list(program.inputs) + list(program.constants))
+    x64 = jax.config.jax_enable_x64
+    if model_wide and not x64:
+        raise DtypeError(
+            f"the model computes in float64 ({', '.join(model_wide[:3])}"
+            f"{', ...' if len(model_wide) > 3 else ''}) but JAX's 64-bit mode is off, so it would "
+            "silently run in float32. Turn it on (jax.config.update('jax_enable_x64', True), or "
+            "`with jax.enable_x64(True):` around building and calling the Explainer) to explain in "
+            "float64, or convert the model and inputs to float32 (model.float(), x.float())")
+    casts = wide(o for e in program.eqns for o in e.outputs)
+    if casts and not x64:
+        warnings.warn(f"the forward casts to float64 ({', '.join(casts[:3])}); with "
+                      "jax_enable_x64 off dlbjax computes these values in float32", stacklevel=3)
+    if not any(v.is_float or v in analysis.tokens for v in program.inputs):
+        raise DtypeError(
+            f"no input can carry relevance: the inputs {[v.name for v in program.inputs]} are "
+            f"{sorted({v.dtype for v in program.inputs})} tensors and none feeds an embedding "
+            "lookup, so every relevance would be 0. Relevance is defined for float inputs and for "
+            "token ids read by nn.Embedding; if the integers are numeric features, pass them as "
+            "floats (x.float()) and cast nothing inside forward")
+    return bool(model_wide)
+
+
+def _check_finite_relevance(raw: dict) -> None:
+    """Finite inputs and weights can still overflow inside the forward (float32 tops out at 3e38);
+    relevance of non-finite values is undefined, so refuse rather than return NaN."""
+    named = [(f"input '{k}'", s) for k, streams in raw["relevance"].items() for s in streams]
+    for what, arr in named + [("the bias totals", raw["absorbed"])]:
+        arr = np.asarray(arr)
+        if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+            row = int(np.argwhere(~np.isfinite(arr.reshape(arr.shape[0], -1)))[0][0])
+            raise NonFiniteError(
+                f"the relevance of {what} is NaN or inf (first at row {row}): the forward pass "
+                "produced non-finite values (an overflow: float32 ends at 3.4e38) although inputs "
+                "and weights are finite. Scale the inputs down, or explain in float64 "
+                "(jax_enable_x64 and model.double())")
+
+
 class Explainer:
     """Import and compile a model once; explain many inputs with the compiled relevance pass.
 
@@ -150,7 +244,9 @@ class Explainer:
     explains a whole dataset in fixed-size chunks (one compilation).
 
     Options: ``mode`` ("default" | "contrastive"), ``multiplier`` (total seed per row, default 100),
-    ``task`` ("auto" | "classification" | "binary" | "regression"), ``layers`` (keep relevance at
+    ``task`` ("auto" | "classification" | "binary" | "regression" | "bbox-regression" |
+    "segmentation"; see ``dlbjax._seed``), ``thresholding`` (segmentation: seed the pixels whose
+    probability exceeds it, default 0.5), ``layers`` (keep relevance at
     every IR variable), ``output`` (index or name of the explained model output), ``batch_axis``
     (0 or None), ``experimental_gating`` (GELU/SiLU/relu6/hardtanh entries of spec §2.2),
     ``product_rule`` ("half" | "dlb" | "signal_take_all", for products of two activations and the
@@ -161,21 +257,37 @@ class Explainer:
     of two from 8 up to the model's maximum length, or a list of lengths: token inputs are padded
     on the right to the smallest bucket that fits, with the attention mask, and the results are
     stripped back; one compilation per bucket; needs an ``attention_mask`` input).
+
+    Scale options: ``compute_dtype`` ("float32" default: a bf16/fp16 model is computed and
+    explained in float32, see ``dlbjax._precision``; None keeps half precision),
+    ``precompute_magnitudes`` (True: |W| of the dense/conv weights is computed once and kept, one
+    more copy of those weights in memory; False recomputes it per call), ``max_batch`` (most rows
+    per compiled call; larger inputs are split; out-of-memory failures also halve it
+    automatically), ``devices`` (the devices to shard rows over; default all local devices).
     """
 
     def __init__(self, model: torch.nn.Module, example_inputs: Any, *, mode: str = "default",
                  multiplier: float = 100.0, task: str = "auto", layers: bool = False,
                  output: Any = 0, batch_axis: Optional[int] = 0, experimental_gating: bool = False,
                  product_rule: str = "half", attention_value_fraction: float = 0.5,
-                 buckets: Any = None):
+                 buckets: Any = None, router_relevance: bool = False,
+                 compute_dtype: Any = "float32", precompute_magnitudes: bool = True,
+                 max_batch: Optional[int] = None, devices: Any = None,
+                 thresholding: float = 0.5):
         self.mode, self.multiplier = _check_options(mode, multiplier, batch_axis, product_rule)
+        self.thresholding = float(thresholding)  # segmentation: pixels with p > thresholding
         self._bucketing = None
         self._traces = 0
+        self.max_batch = None if max_batch is None else max(1, int(max_batch))  # rows per call
+        self.devices = tuple(devices) if devices else None  # None: all local devices (_parallel)
         if buckets is not None and buckets is not False:
             options = dict(mode=mode, multiplier=multiplier, task=task, layers=layers, output=output,
                            batch_axis=batch_axis, experimental_gating=experimental_gating,
                            product_rule=product_rule,
-                           attention_value_fraction=attention_value_fraction)
+                           attention_value_fraction=attention_value_fraction,
+                           router_relevance=router_relevance, compute_dtype=compute_dtype,
+                           precompute_magnitudes=precompute_magnitudes, max_batch=max_batch,
+                           devices=devices, thresholding=thresholding)
             if batch_axis != 0:
                 raise ValueError("length buckets need rows along axis 0 (batch_axis=0)")
             self._bucketing = Bucketing(model, example_inputs, buckets,
@@ -183,27 +295,34 @@ class Explainer:
             first = self._bucketing.explainer(self._bucketing.bucket_for(
                 self._bucketing.kwargs_template[self._bucketing.seq_names[0]].shape[1]))
             for name in ("batch_axis", "layers", "options", "program", "input_names", "analysis",
-                         "explained", "task", "_task_error", "_row_specs", "_out_size", "_consts"):
+                         "explained", "task", "_task_error", "_row_specs", "_out_size", "_consts",
+                         "moe_layers"):
                 setattr(self, name, getattr(first, name))
             return
         self.batch_axis = batch_axis
         self.layers = bool(layers)
         self.options = Options(mode=self.mode, experimental_gating=bool(experimental_gating),
-                               product_rule=product_rule, phi=_check_phi(attention_value_fraction))
+                               product_rule=product_rule, phi=_check_phi(attention_value_fraction),
+                               router_relevance=bool(router_relevance))
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(task, str) or task.lower() not in TASK_ALIASES:
             raise TargetError(f"unknown task {task!r}; use one of {sorted(set(TASK_ALIASES))}")
         bound = bind_inputs(model, example_inputs)
+        _check_devices(model, bound)
         args, kwargs, _ = _row_slice(bound, batch_axis)
-        program = fuse_modules(import_bound(model, BoundInputs(args, kwargs, bound.names, [])))
+        program = fuse_modules(import_bound(static_experts_copy(model),
+                                            BoundInputs(args, kwargs, bound.names, [])))
+        # callers pass the model's own dtypes; half precision is computed in compute_dtype
+        self._row_specs = [(v.name, tuple(v.shape), v.dtype) for v in program.inputs]
+        program, self.compute_dtype = resolve_compute_dtype(program, compute_dtype)
         self.program: Program = program
         self.input_names = tuple(bound.names)
-        self._row_specs = [(v.name, tuple(v.shape), v.dtype) for v in program.inputs]
         self.explained = self._output_index(output)
         self.analysis = analyze(program, self.options, self.explained)
         self.analysis.raise_if_unsupported()
         self._check_constants()
+        self._x64 = _check_dtypes(program, self.analysis)
         out_var = program.outputs[self.explained]
         # the task is needed to build seeds; an unresolvable task only fails when seeds are built
         # (relevance_function with explicit seeds works for any output)
@@ -218,6 +337,10 @@ class Explainer:
             self.task, self._task_error = None, exc
         self._out_size = target_size(self.task, out_var.shape) if self.task else 0
         self._consts = constants_to_jax(program)
+        self._mags = _precompute_magnitudes(program, self.analysis, self.options, self._consts) \
+            if precompute_magnitudes else {}
+        self.moe_layers = [m for m in find_moe_layers(program)
+                           if m.weighted in self.analysis.carries]
         self._fn = jax.jit(self._batched)
 
     # ---- construction helpers ------------------------------------------------------------------
@@ -239,15 +362,23 @@ class Explainer:
                                      "fix the model's weights before explaining it")
 
     # ---- the compiled function -----------------------------------------------------------------
-    def _batched(self, consts, inputs, classes, select):
+    def _batched(self, consts, inputs, classes, select, mags=None, laid_out=None):
+        # mags: precomputed |W| of the affine weights (dlbjax._magnitudes), an argument so that
+        # it is not baked into the executable; laid_out: conv weights in the CPU filter layout
         self._traces += 1
+        if laid_out:
+            consts, mags = _restore_layouts(consts, mags, laid_out)
         program, an, opts = self.program, self.analysis, self.options
         head = an.head
 
         def row(inputs_row, cls, sel):
-            fn = seed_fn(self.task, opts.contrastive, self.multiplier, head, cls, sel)
+            fn = seed_fn(self.task, opts.contrastive, self.multiplier, head, cls, sel,
+                         thresholding=self.thresholding)
             return relevance_row(program, an, opts, consts, tuple(inputs_row), fn,
-                                 explained=self.explained, layers=self.layers)
+                                 explained=self.explained, layers=self.layers,
+                                 taps=tuple(m.weighted.name for m in self.moe_layers),
+                                 probes=tuple(m.indices.name for m in self.moe_layers),
+                                 magnitudes=mags)
 
         return jax.vmap(row)(inputs, classes, select)
 
@@ -315,6 +446,9 @@ class Explainer:
         arrays, n_rows = [], None
         for name, shape, dtype in self._row_specs:
             value = given[name]
+            if isinstance(value, torch.Tensor) and value.device.type == "meta":
+                raise InputMismatchError(f"input '{name}' is on the 'meta' device and holds no "
+                                         "values; pass a tensor with data (e.g. on the CPU)")
             arr = tensor_to_numpy(value) if isinstance(value, torch.Tensor) else np.asarray(value)
             got_dtype = str(arr.dtype)
             if got_dtype != dtype:
@@ -353,9 +487,12 @@ class Explainer:
 
     # ---- running -------------------------------------------------------------------------------
     def _run(self, arrays, classes, select):
-        inputs = tuple(jnp.asarray(a, dtype=jnp_dtype(spec[2]))
-                       for a, spec in zip(arrays, self._row_specs))
-        return self._fn(self._consts, inputs, jnp.asarray(classes), jnp.asarray(select))
+        if self._x64 and not jax.config.jax_enable_x64:
+            raise DtypeError("this Explainer was built for a float64 model with jax_enable_x64 on; "
+                             "turn it on again (jax.config.update('jax_enable_x64', True)) before "
+                             "calling it, or rebuild the Explainer from a float32 model")
+        # cast to the program's dtypes (compute_dtype), one device or sharded over several
+        return call_compiled(self, arrays, classes, select)
 
     def _check_task(self) -> None:
         if self._task_error is not None:
@@ -367,7 +504,7 @@ class Explainer:
         self._check_task()
         arrays, n = self._to_rows(inputs)
         classes, select = check_targets(self.task, target, n, self._out_size)
-        raw = jax.device_get(self._run(arrays, classes, select))
+        raw = run_rows(self, arrays, classes, select)  # chunked only past max_batch or on OOM
         return self._explanation(raw, n)
 
     def batch(self, data: Any, target: Any = None, batch_size: int = 64,
@@ -384,21 +521,23 @@ class Explainer:
         arrays, n = self._to_rows(data, dataset=True)
         classes, select = check_targets(self.task, target, n, self._out_size)
         size = max(1, min(int(batch_size), n))
-        chunks = []
-        starts = range(0, n, size)
-        if progress:
-            from tqdm.auto import tqdm
-            starts = tqdm(starts, total=len(starts), desc="dlbjax", unit="batch")
-        for s in starts:
-            idx = np.minimum(np.arange(s, s + size), n - 1)
-            raw = self._run(tuple(a[idx] for a in arrays), classes[idx], select[idx])
-            keep = min(size, n - s)
-            chunks.append(jax.tree_util.tree_map(lambda x: np.asarray(x)[:keep], jax.device_get(raw)))
-        raw = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs, axis=0), *chunks)
+        # fixed-size chunks, sharded over the devices, halved on out-of-memory (dlbjax._parallel)
+        raw = run_rows(self, arrays, classes, select, size=size, progress=progress)
         return self._explanation(raw, n, dataset=True)
+
+    def explain_dataset(self, data: Any, batch_size: int = 64, out: Any = None, target: Any = None,
+                        **options):
+        """Explain a dataset to disk, resumably: ``data`` is arrays (or a dict/tuple of arrays,
+        as this Explainer's inputs) with rows along axis 0, or an iterable of such batches.
+        Results go to the directory ``out`` in shards with a JSON manifest; an interrupted run
+        continues where it stopped. Read them with :func:`dlbjax.load_results`. Options and
+        details: :func:`dlbjax._dataset.explain_dataset`. Returns the manifest (a dict)."""
+        from ._dataset import explain_dataset
+        return explain_dataset(self, data, batch_size=batch_size, out=out, target=target, **options)
 
     # ---- results -------------------------------------------------------------------------------
     def _explanation(self, raw: dict, n: int, dataset: bool = False) -> Explanation:
+        _check_finite_relevance(raw)
         contrastive = self.options.contrastive
 
         def finish(streams, input_shape: bool):
@@ -431,6 +570,7 @@ class Explainer:
             lost = Streams(*(s - i - b for s, i, b in zip(seed, inputs_total, bias)))
         else:
             lost = seed - inputs_total - bias
+        experts = [_expert_relevance(m, raw, contrastive) for m in self.moe_layers] or None
         layers = None
         if self.layers:
             layers = {name: finish(raw["relevance"][name], True) for name, _, _ in self._row_specs}
@@ -444,7 +584,26 @@ class Explainer:
         return Explanation(relevance=relevance, prediction=pred, target=target,
                            conservation=Conservation(seed, inputs_total, bias, lost),
                            mode=self.mode, task=self.task, multiplier=self.multiplier,
-                           outputs=outputs, layers=layers)
+                           outputs=outputs, layers=layers, experts=experts)
+
+
+def _expert_relevance(layer, raw: dict, contrastive: bool) -> dict:
+    """Per-expert relevance of one MoE layer from the weighted expert outputs' relevance."""
+    idx = np.asarray(raw["probes"][layer.indices.name]).astype(np.int64)  # [n, tokens, k]
+    onehot = np.eye(layer.num_experts)[idx]  # [n, tokens, k, E]
+
+    def one(stream):
+        r = np.asarray(stream).sum(-1)  # [n, tokens, k]
+        per_token = np.einsum("ntk,ntke->nte", r, onehot)
+        return per_token.sum(1), per_token
+
+    streams = raw["layers"][layer.weighted.name]
+    if contrastive:
+        (pe_p, pt_p), (pe_n, pt_n) = one(streams[0]), one(streams[1])
+        return {"layer": layer.name, "per_expert": Streams(pe_p, pe_n),
+                "per_token": Streams(pt_p, pt_n)}
+    pe, pt = one(streams[0])
+    return {"layer": layer.name, "per_expert": pe, "per_token": pt}
 
 
 def explain(model: torch.nn.Module, inputs: Any, *, target: Any = None, mode: str = "default",

@@ -52,7 +52,14 @@ def _dim(d, ndim):
     return d + ndim if d < 0 else d
 
 
+def _axis(dim, ndim):
+    """One ATen dim as a JAX axis; torch accepts dim 0 / -1 on a 0-d tensor, which has no axis."""
+    return None if ndim == 0 else _dim(dim, ndim)
+
+
 def _dims(dims, ndim):
+    if ndim == 0:  # torch accepts [], [0], [-1] on a 0-d tensor: nothing to reduce
+        return ()
     if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
         return tuple(range(ndim))
     if isinstance(dims, int):
@@ -430,24 +437,24 @@ def pow_scalar(self, exponent):
 
 @lowering("aten._softmax.default")
 def _softmax(self, dim, half_to_float=False):
-    return jax.nn.softmax(self, axis=dim)
+    return jax.nn.softmax(self, axis=_axis(dim, self.ndim))
 
 
 @lowering("aten.softmax.int")
 def softmax(self, dim, dtype=None):
     x = self if dtype is None else self.astype(jnp_dtype(dtype))
-    return jax.nn.softmax(x, axis=dim)
+    return jax.nn.softmax(x, axis=_axis(dim, x.ndim))
 
 
 @lowering("aten._log_softmax.default")
 def _log_softmax(self, dim, half_to_float=False):
-    return jax.nn.log_softmax(self, axis=dim)
+    return jax.nn.log_softmax(self, axis=_axis(dim, self.ndim))
 
 
 @lowering("aten.log_softmax.int")
 def log_softmax(self, dim, dtype=None):
     x = self if dtype is None else self.astype(jnp_dtype(dtype))
-    return jax.nn.log_softmax(x, axis=dim)
+    return jax.nn.log_softmax(x, axis=_axis(dim, x.ndim))
 
 
 # binary arithmetic -----------------------------------------------------------------------------
@@ -553,7 +560,7 @@ def permute(self, dims):
 
 @lowering("aten.transpose.int")
 def transpose(self, dim0, dim1):
-    return jnp.swapaxes(self, dim0, dim1)
+    return self if self.ndim == 0 else jnp.swapaxes(self, dim0, dim1)
 
 
 @lowering("aten.squeeze.default")
@@ -625,6 +632,8 @@ def stack(tensors, dim=0):
 def split(self, split_size, dim=0):
     d = _dim(dim, self.ndim)
     n = self.shape[d]
+    if split_size == 0:  # torch allows it only on an empty dim: one empty piece
+        return (self,)
     points = list(range(split_size, n, split_size))
     return tuple(jnp.split(self, points, axis=d))
 
@@ -639,6 +648,8 @@ def split_with_sizes(self, split_sizes, dim=0):
 def chunk(self, chunks, dim=0):
     d = _dim(dim, self.ndim)
     size = -(-self.shape[d] // chunks)
+    if size == 0:  # an empty dim: torch returns `chunks` empty pieces
+        return tuple(self for _ in range(chunks))
     return split(self, size, d)
 
 
@@ -706,7 +717,8 @@ def narrow(self, dim, start, length):
 
 @lowering("aten.index_select.default")
 def index_select(self, dim, index):
-    return jnp.take(self, index, axis=_dim(dim, self.ndim))
+    # a 0-d index selects one entry but keeps the dim (size 1), unlike jnp.take
+    return jnp.take(self, jnp.atleast_1d(index), axis=_dim(dim, self.ndim))
 
 
 @lowering("aten.index.Tensor")
@@ -741,7 +753,7 @@ def embedding_bag_members(indices, offsets, n_bags, include_last_offset=False, p
     return jnp.clip(bag, 0, max(n_bags - 1, 0)), valid
 
 
-@lowering("aten._embedding_bag.default", "aten._embedding_bag_forward_only.default")
+@lowering("aten._embedding_bag.default")
 def embedding_bag(weight, indices, offsets, scale_grad_by_freq=False, mode=0, sparse=False,
                   per_sample_weights=None, include_last_offset=False, padding_idx=-1):
     """``nn.EmbeddingBag`` on flat indices: bag b = sum (mode 0), mean (1) or max (2) of the rows
@@ -765,9 +777,28 @@ def embedding_bag(weight, indices, offsets, scale_grad_by_freq=False, mode=0, sp
         if mode == 1:
             out = out / jnp.maximum(count, 1)[:, None].astype(out.dtype)
         max_idx = jnp.zeros((n,), indices.dtype)
-    fast_sum = mode == 0 and (padding_idx is None or padding_idx < 0)
+    # torch's CPU kernel (and its meta function) skip offset2bag on the float32/float16 sum path
+    fast_sum = mode == 0 and (padding_idx is None or padding_idx < 0) and \
+        weight.dtype in (jnp.float32, jnp.float16)
     offset2bag = jnp.zeros((0,), indices.dtype) if fast_sum else bag.astype(indices.dtype)
     return out, offset2bag, count.astype(indices.dtype), max_idx.astype(indices.dtype)
+
+
+@lowering("aten._embedding_bag_forward_only.default")
+def embedding_bag_forward_only(weight, indices, offsets, scale_grad_by_freq=False, mode=0,
+                               sparse=False, per_sample_weights=None, include_last_offset=False,
+                               padding_idx=-1):
+    """As :func:`embedding_bag`; but in sum mode torch sizes bag_size and max_indices by
+    ``offsets`` (one more than the bags with ``include_last_offset``), so they are resized here:
+    the interpreter checks every output's shape against torch's."""
+    out, offset2bag, bag_size, max_idx = embedding_bag(
+        weight, indices, offsets, scale_grad_by_freq, mode, sparse, per_sample_weights,
+        include_last_offset, padding_idx)
+    if mode == 0 and include_last_offset:
+        extra = jnp.zeros((1,), bag_size.dtype)
+        bag_size = jnp.concatenate([bag_size, extra])
+        max_idx = jnp.concatenate([max_idx, extra])
+    return out, offset2bag, bag_size, max_idx
 
 
 # ------------------------------------------------------------------------------------------------
@@ -775,21 +806,25 @@ def embedding_bag(weight, indices, offsets, scale_grad_by_freq=False, mode=0, sp
 # direction. The relevance rules (rules/recurrent.py) reuse these cells.
 # ------------------------------------------------------------------------------------------------
 def rnn_weights(params, has_biases, num_layers, bidirectional):
-    """torch's flat ``params`` list -> ``[layer][direction] = (w_ih, w_hh, b_ih, b_hh)``.
+    """torch's flat ``params`` list -> ``[layer][direction] = (w_ih, w_hh, b_ih, b_hh, w_hr)``.
 
-    torch orders it per layer, per direction (forward, then ``_reverse``): w_ih, w_hh and, with
-    biases, b_ih, b_hh. Without biases both are None."""
+    torch orders it per layer, per direction (forward, then ``_reverse``): w_ih, w_hh, then with
+    biases b_ih, b_hh, then with ``proj_size > 0`` (LSTM) the projection w_hr. Absent entries are
+    None."""
     dirs = 2 if bidirectional else 1
     per = 4 if has_biases else 2
-    if len(params) != num_layers * dirs * per:
-        raise NotImplementedError("recurrent layer with a projection (nn.LSTM proj_size > 0) is not "
-                                  "supported")
+    if len(params) == num_layers * dirs * (per + 1):
+        per += 1  # LSTM projection weight_hr
+    elif len(params) != num_layers * dirs * per:
+        raise NotImplementedError(f"unexpected recurrent parameter list of length {len(params)}")
+    proj = per in (3, 5)
     layers = []
     for k in range(0, len(params), per):
         p = params[k:k + per]
         if (k // per) % dirs == 0:
             layers.append([])
-        layers[-1].append((p[0], p[1], p[2] if has_biases else None, p[3] if has_biases else None))
+        layers[-1].append((p[0], p[1], p[2] if has_biases else None, p[3] if has_biases else None,
+                           p[-1] if proj else None))
     return layers
 
 
@@ -799,12 +834,14 @@ def rnn_affine(x, w, b):
     return y if b is None else y + b
 
 
-def lstm_step(w_hh, b_hh, xg, h, c):
-    """One LSTM step from the input term xg = W_ih x_t + b_ih; gates i, f, g, o (torch order)."""
+def lstm_step(w_hh, b_hh, xg, h, c, w_hr=None):
+    """One LSTM step from the input term xg = W_ih x_t + b_ih; gates i, f, g, o (torch order);
+    with a projection (proj_size > 0) h_t = W_hr (o tanh c_t)."""
     a = xg + rnn_affine(h, w_hh, b_hh)
     i, f, g, o = jnp.split(a, 4, axis=-1)
     c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-    return jax.nn.sigmoid(o) * jnp.tanh(c), c
+    h = jax.nn.sigmoid(o) * jnp.tanh(c)
+    return (h if w_hr is None else rnn_affine(h, w_hr, None)), c
 
 
 def gru_step(w_hh, b_hh, xg, h):
@@ -818,6 +855,21 @@ def gru_step(w_hh, b_hh, xg, h):
     return (1 - z) * n + z * h
 
 
+def stack_directions(layer):
+    """One layer's directions stacked on a leading axis (same shapes), for one vmapped scan."""
+    return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *layer)
+
+
+def by_direction(x, dirs):
+    """[T, ...] -> [dirs, T, ...] in each direction's processing order (reverse: time flipped)."""
+    return jnp.stack([x, jnp.flip(x, 0)][:dirs])
+
+
+def from_directions(hs):
+    """[dirs, T, B, H] in processing order -> [T, B, dirs*H] (forward features first)."""
+    return jnp.concatenate([hs[0]] + [jnp.flip(h, 0) for h in hs[1:]], axis=-1)
+
+
 def _rnn(kind, input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
          batch_first):
     if train and dropout:
@@ -826,27 +878,28 @@ def _rnn(kind, input, hx, params, has_biases, num_layers, dropout, train, bidire
         raise NotImplementedError("recurrent layer on an unbatched (2-D) input")
     x = jnp.swapaxes(input, 0, 1) if batch_first else input  # [T, B, I]
     states = list(hx) if kind == "lstm" else [hx]
-    layers = rnn_weights(params, has_biases, num_layers, bidirectional)
-    finals = [[] for _ in states]
-    for layer_index, layer in enumerate(layers):
-        outs = []
-        for d, (w_ih, w_hh, b_ih, b_hh) in enumerate(layer):
-            k = layer_index * len(layer) + d
-            step = lstm_step if kind == "lstm" else gru_step
+    step = lstm_step if kind == "lstm" else gru_step
 
-            def body(carry, xg_t, step=step, w_hh=w_hh, b_hh=b_hh):
-                new = step(w_hh, b_hh, xg_t, *carry)
-                new = new if isinstance(new, tuple) else (new,)
-                return new, new[0]
+    def direction(w, xd, *init):
+        w_ih, w_hh, b_ih, b_hh, w_hr = w
 
-            last, hs = lax.scan(body, tuple(s[k] for s in states), rnn_affine(x, w_ih, b_ih),
-                                reverse=d == 1)
-            outs.append(hs)
-            for f, s in zip(finals, last):
-                f.append(s)
-        x = jnp.concatenate(outs, axis=-1)  # inter-layer dropout: identity in eval
+        def body(carry, xg_t):
+            new = step(w_hh, b_hh, xg_t, *carry, **({} if w_hr is None else {"w_hr": w_hr}))
+            new = new if isinstance(new, tuple) else (new,)
+            return new, new[0]
+
+        last, hs = lax.scan(body, init, rnn_affine(xd, w_ih, b_ih))
+        return hs, last
+
+    finals = []
+    for layer_index, layer in enumerate(rnn_weights(params, has_biases, num_layers, bidirectional)):
+        D = len(layer)
+        init = tuple(s[layer_index * D:(layer_index + 1) * D] for s in states)
+        hs, last = jax.vmap(direction)(stack_directions(layer), by_direction(x, D), *init)
+        x = from_directions(hs)  # inter-layer dropout: identity in eval
+        finals.append(last)
     out = jnp.swapaxes(x, 0, 1) if batch_first else x
-    return (out,) + tuple(jnp.stack(f) for f in finals)
+    return (out,) + tuple(jnp.concatenate(f, axis=0) for f in zip(*finals))
 
 
 @lowering("aten.lstm.input")
@@ -909,12 +962,14 @@ def amin(self, dim=(), keepdim=False):
 
 @lowering("aten.max.dim")
 def max_dim(self, dim, keepdim=False):
-    return jnp.max(self, axis=dim, keepdims=keepdim), jnp.argmax(self, axis=dim, keepdims=keepdim)
+    axis = _axis(dim, self.ndim)
+    return jnp.max(self, axis=axis, keepdims=keepdim), jnp.argmax(self, axis=axis, keepdims=keepdim)
 
 
 @lowering("aten.min.dim")
 def min_dim(self, dim, keepdim=False):
-    return jnp.min(self, axis=dim, keepdims=keepdim), jnp.argmin(self, axis=dim, keepdims=keepdim)
+    axis = _axis(dim, self.ndim)
+    return jnp.min(self, axis=axis, keepdims=keepdim), jnp.argmin(self, axis=axis, keepdims=keepdim)
 
 
 @lowering("aten.max.default")
@@ -932,7 +987,7 @@ def argmax(self, dim=None, keepdim=False):
     if dim is None:
         flat = jnp.argmax(self.reshape(-1))
         return flat.reshape((1,) * self.ndim) if keepdim else flat
-    return jnp.argmax(self, axis=dim, keepdims=keepdim)
+    return jnp.argmax(self, axis=_axis(dim, self.ndim), keepdims=keepdim)
 
 
 @lowering("aten.argmin.default")
@@ -940,7 +995,7 @@ def argmin(self, dim=None, keepdim=False):
     if dim is None:
         flat = jnp.argmin(self.reshape(-1))
         return flat.reshape((1,) * self.ndim) if keepdim else flat
-    return jnp.argmin(self, axis=dim, keepdims=keepdim)
+    return jnp.argmin(self, axis=_axis(dim, self.ndim), keepdims=keepdim)
 
 
 def _bool_reduce_axes(dim, ndim):
@@ -973,7 +1028,7 @@ def all_all(self):
 @lowering("aten.cumsum.default")
 def cumsum(self, dim, *, dtype=None):
     x = self if dtype is None else self.astype(jnp_dtype(dtype))
-    return jnp.cumsum(x, axis=dim)
+    return x if x.ndim == 0 else jnp.cumsum(x, axis=_dim(dim, x.ndim))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from ._errors import InvalidProgramError, UnsupportedOp, UnsupportedOperationErr
 from ._interpret import call_lowering, missing_lowerings, substitute
 from ._dtypes import relevance_dtype
 from ._lowering import jnp_dtype
+from ._moe import ROUTING_OPS
 from .ir import Eqn, Program, Var, iter_vars
 from .rules import PER_STREAM, GateSpec, Options, RuleContext, Streams, get_rule
 
@@ -92,9 +93,11 @@ def analyze(program: Program, options: Options, explained: int = 0) -> Analysis:
 
     an.carries.update(v for v in program.inputs if v.is_float or v in an.tokens)
     an.tokens &= an.carries | {o for e in program.eqns for o in e.outputs}
+    routing_stops = set() if options.router_relevance else ROUTING_OPS
+    stabilizers = _softmax_stabilizers(program)
     for eqn in program.eqns:
-        if eqn.op in NON_VALUE_OPS or eqn.op in STATISTIC_OPS or \
-                not any(v in an.carries for v in eqn.inputs):
+        if eqn.op in NON_VALUE_OPS or eqn.op in STATISTIC_OPS or eqn.op in routing_stops or \
+                eqn in stabilizers or not any(v in an.carries for v in eqn.inputs):
             continue
         rule = get_rule(eqn.op)
         idx = rule.outputs if rule is not None and rule.outputs is not None else range(len(eqn.outputs))
@@ -161,6 +164,24 @@ def analyze(program: Program, options: Options, explained: int = 0) -> Analysis:
             heads.add("sigmoid")
     an.head = heads.pop() if len(heads) == 1 else None
     return an
+
+
+_MAX_OPS = frozenset({"aten.max.dim", "aten.amax.default"})
+
+
+def _softmax_stabilizers(program: Program) -> set:
+    """``m = max(x, dim, keepdim)`` used as ``x - m`` (the shift that softmax is invariant to, as
+    in attention with sinks): m is a constant for relevance, x keeps everything."""
+    consumers = program.consumers()
+    found = set()
+    for eqn in program.eqns:
+        if eqn.op not in _MAX_OPS or not isinstance(eqn.args[0], Var):
+            continue
+        m, x = eqn.outputs[0], eqn.args[0]
+        for c in consumers.get(m, []):
+            if c.op in ("aten.sub.Tensor",) and len(c.args) > 1 and c.args[1] is m and c.args[0] is x:
+                found.add(eqn)
+    return found
 
 
 def _is_softmax_output(var, producers) -> bool:
@@ -305,7 +326,7 @@ def _zip_streams(a, b):
 
 
 def _relevance_call(eqn: Eqn, index: int, env: dict, an: Analysis, options: Options, sink,
-                    n_streams: int) -> tuple:
+                    n_streams: int, magnitudes: Optional[dict] = None) -> tuple:
     """Apply one relevance-carrying equation through a custom_vjp wrapping its rule."""
     rule = get_rule(eqn.op)
     gate: Optional[GateSpec] = an.gates.get(index)
@@ -316,6 +337,9 @@ def _relevance_call(eqn: Eqn, index: int, env: dict, an: Analysis, options: Opti
     spec_args = [flat.encode(a) for a in args_val]
     spec_kwargs = flat.encode(kwargs_val)
     sink_idx = flat.push(sink)
+    # precomputed |constant| operands (dlbjax._magnitudes), handed to the rule as ctx.magnitudes
+    mag_idx = {p: flat.push(magnitudes[a.name]) for p, a in enumerate(eqn.args)
+               if magnitudes and isinstance(a, Var) and a.name in magnitudes}
     out_carry = [v in an.carries for v in eqn.outputs]
     out_token = [v in an.tokens for v in eqn.outputs]
     carries = tuple(_carry_of(s) for s in spec_args)
@@ -364,7 +388,7 @@ def _relevance_call(eqn: Eqn, index: int, env: dict, an: Analysis, options: Opti
         args = [_decode(s, leaves) for s in spec_args]
         kwargs = _decode(spec_kwargs, leaves)
         ctx_args = dict(carries=carries, outputs=tuple(outs), gate=gate, op=eqn.op, where=where,
-                        info=info)
+                        info=info, magnitudes={p: leaves[j] for p, j in mag_idx.items()})
         results, absorbed = _call_rule(rule, options, ctx_args, R, args, kwargs)
         results = tuple(results) if results is not None else ()
         grads = [None] * len(leaves)
@@ -414,7 +438,8 @@ def _relevance_call(eqn: Eqn, index: int, env: dict, an: Analysis, options: Opti
 # One example
 # ------------------------------------------------------------------------------------------------
 def relevance_row(program: Program, an: Analysis, options: Options, consts: dict, inputs: tuple,
-                  seed_fn: Callable, *, explained: int = 0, layers: bool = False) -> dict:
+                  seed_fn: Callable, *, explained: int = 0, layers: bool = False,
+                  taps: tuple = (), probes: tuple = (), magnitudes: Optional[dict] = None) -> dict:
     """Forward + seed + VJP for one example. ``inputs`` has one array per program input.
 
     ``seed_fn(prediction, inputs_by_name) -> (seeds, target)`` builds the seed (a tuple with one array per stream)
@@ -431,8 +456,9 @@ def relevance_row(program: Program, an: Analysis, options: Options, consts: dict
                 float_in[v.name] = tuple(x for _ in range(S))
             else:
                 token_in[v.name] = tuple(jnp.zeros(v.shape, relevance_dtype()) for _ in range(S))
-    tap_vars = [o for e in program.eqns for o in e.outputs if o in an.carries and o.is_float] \
-        if layers else []
+    extra = set(taps)
+    tap_vars = [o for e in program.eqns for o in e.outputs if o in an.carries and o.is_float
+                and (layers or o.name in extra)]
     taps = {v.name: tuple(jnp.zeros(v.shape, jnp_dtype(v.dtype)) for _ in range(S)) for v in tap_vars}
     sink = jnp.zeros((S,), relevance_dtype())
     tap_set = {v.name for v in tap_vars}
@@ -451,7 +477,7 @@ def relevance_row(program: Program, an: Analysis, options: Options, consts: dict
             env[c] = consts[c.name]
         for i, eqn in enumerate(program.eqns):
             if any(o in an.carries for o in eqn.outputs):
-                outs = _relevance_call(eqn, i, env, an, options, sink, S)
+                outs = _relevance_call(eqn, i, env, an, options, sink, S, magnitudes)
             else:
                 args = substitute(eqn.args, {k: _primal(v) for k, v in env.items()}) \
                     if any(isinstance(env.get(v), _Carried) for v in eqn.inputs) \
@@ -463,10 +489,12 @@ def relevance_row(program: Program, an: Analysis, options: Options, consts: dict
                     streams = tuple(s + t for s, t in zip(value.streams, taps[var.name]))
                     value = _Carried(streams[0], streams)
                 env[var] = value
+        probe_values = {v.name: _primal(env[v]) for v in env if v.name in probe_set}
         return tuple(env[v].streams if isinstance(env[v], _Carried) else env[v]
-                     for v in program.outputs)
+                     for v in program.outputs), probe_values
 
-    outs, vjp = jax.vjp(fwd, float_in, token_in, sink, taps)
+    probe_set = set(probes)
+    outs, vjp, probe_values = jax.vjp(fwd, float_in, token_in, sink, taps, has_aux=True)
     explained_var = program.outputs[explained]
     y = outs[explained]
     carried = explained_var in an.carries
@@ -503,6 +531,8 @@ def relevance_row(program: Program, an: Analysis, options: Options, consts: dict
         "seed": seed_total,
         "input_total": jnp.stack([sum(jnp.sum(r[s]) for r in relevance.values()) for s in range(S)]),
     }
-    if layers:
+    if layers or taps:
         result["layers"] = {k: tuple(v) for k, v in g_taps.items()}
+    if probes:
+        result["probes"] = probe_values
     return result

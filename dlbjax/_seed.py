@@ -8,8 +8,25 @@ Tasks:
   itself when the graph ends in a softmax), R+ = M p_t at t, R- = M p_k at every k != t (§8.5).
 * ``"binary"`` (one logit): seeded at index 0 whatever its sign; default M there; contrastive
   R+ = M sigma(o), R- = M (1 - sigma(o)) at index 0 (no second sigmoid when the graph ends in one).
-* ``"regression"``: the chosen output indices S (default: all) each get M / |S| (§1.3 canonical).
-  Contrastive mode is not defined for regression and raises.
+* ``"regression"`` (also ``"bbox-regression"``: a box head [4] per row, or [K, 4], is a
+  regression over its coordinates): the chosen output indices S into the flattened output row
+  (default: all, e.g. all four box coordinates) each get M / |S| (§1.3 canonical "Regression /
+  bbox"). The values of the outputs never enter the seed (the original 0.1.24 seeds the argmax
+  coordinate, defect B13). Contrastive mode is not defined for regression and raises.
+* ``"segmentation"`` (``"binary-segmentation"``): a per-pixel logit or probability map per row
+  ([1, H, W], [H, W], or any shape: every element of the output row is one pixel-and-channel).
+  The probability is p = sigma(o), or o itself when the graph ends in a sigmoid or softmax. The
+  selected pixels are those with p > ``thresholding`` (strict; default 0.5), restricted to the
+  region given as ``target`` (flat indices into the output row, or a boolean mask of the row's
+  shape, shared by all rows or one per row; default: the whole map). With K selected pixels, each
+  gets M / K in default mode (§1.3 canonical "Segmentation"; the output values never weight the
+  seed). Contrastive mode (the spec is silent here; dlbjax's decision): every selected pixel is a
+  binary decision of budget M / K, seeded as §8.5 seeds one logit: R+ = (M / K) p_i and
+  R- = (M / K) (1 - p_i) at that pixel, so R+ + R- = M per row; unselected pixels get nothing in
+  either stream. If no pixel passes the threshold the row's seed is all zeros: its relevance is 0
+  everywhere and ``conservation.seed`` reports 0 for that row (no error, so a batch with some
+  empty masks still runs in one compiled call; check ``conservation.seed`` or lower
+  ``thresholding``).
 * ``"next-token"`` (logits [T, V] per row, a causal LM): seeded at the last position, or the last
   position whose ``attention_mask`` is non-zero when the model takes one (right padding), at the
   target token (the argmax there, or the given token id) (§9.11). Contrastive: the softmax of that
@@ -42,6 +59,8 @@ TASK_ALIASES = {
     "binary-classification": "binary",
     "regression": "regression",
     "bbox-regression": "regression",
+    "segmentation": "segmentation",
+    "binary-segmentation": "segmentation",
     "next-token": "next-token",
     "generation": "next-token",
     "causal-lm": "next-token",
@@ -85,6 +104,9 @@ def check_targets(task: str, target, n_rows: int, size: int) -> tuple[np.ndarray
     """
     classes = np.full((n_rows,), -1, np.int32)
     select = np.zeros((n_rows, size), np.float32)
+    if task == "segmentation":
+        select[:] = _region(target, n_rows, size)
+        return classes, select
     if task == "regression":
         if target is None:
             select[:] = 1.0
@@ -121,6 +143,31 @@ def check_targets(task: str, target, n_rows: int, size: int) -> tuple[np.ndarray
     return t.astype(np.int32), select
 
 
+def _region(target, n_rows: int, size: int) -> np.ndarray:
+    """The segmentation region: [size] or [n_rows, size] 0/1 (target None: everything)."""
+    if target is None:
+        return np.ones((size,), np.float32)
+    t = target.detach().cpu().numpy() if hasattr(target, "detach") else np.asarray(target)
+    if t.dtype == np.bool_:
+        if t.size == size:
+            return t.reshape(size).astype(np.float32)
+        if t.size == n_rows * size and t.shape[0] == n_rows:
+            return t.reshape(n_rows, size).astype(np.float32)
+        raise TargetError(f"a segmentation region mask must have the output row's size ({size}) "
+                          f"or one row per input row ({n_rows} x {size}); got shape {t.shape}")
+    if t.dtype.kind not in "iu":
+        raise TargetError(f"a segmentation target is a boolean mask or integer pixel indices into "
+                          f"the flattened output row, got {t.dtype}")
+    t = t.reshape(-1)
+    if t.size == 0:
+        raise TargetError("segmentation target selects no pixel")
+    if t.min() < 0 or t.max() >= size:
+        raise TargetError(f"segmentation target indices must lie in 0..{size - 1}")
+    out = np.zeros((size,), np.float32)
+    out[t] = 1.0
+    return out
+
+
 def target_size(task: str, out_shape: tuple) -> int:
     """How many classes (or outputs) a target indexes."""
     if task == "next-token":
@@ -149,8 +196,12 @@ def _next_token(pred, inputs, target, M, contrastive, head, dt):
     return (pos_seed.reshape(pred.shape), neg_seed.reshape(pred.shape)), t
 
 
-def seed_fn(task: str, contrastive: bool, multiplier: float, head, target, select):
-    """A function (prediction, inputs) -> (seeds per stream, target) for one row (traced)."""
+def seed_fn(task: str, contrastive: bool, multiplier: float, head, target, select,
+            thresholding: float = 0.5):
+    """A function (prediction, inputs) -> (seeds per stream, target) for one row (traced).
+
+    ``thresholding`` is used by the segmentation task only (pixels with p > thresholding).
+    """
 
     def fn(pred, inputs=None):
         dt = relevance_dtype()
@@ -160,6 +211,15 @@ def seed_fn(task: str, contrastive: bool, multiplier: float, head, target, selec
         select_ = jnp.asarray(select, dt)
         if task == "next-token":
             return _next_token(pred, inputs or {}, target, M, contrastive, head, dt)
+        if task == "segmentation":
+            p = flat if head in ("sigmoid", "softmax") else jax.nn.sigmoid(flat)
+            chosen = jnp.where(p > jnp.asarray(thresholding, dt), select_, 0).astype(dt)
+            k = jnp.sum(chosen)
+            share = jnp.where(k > 0, M / jnp.maximum(k, 1), 0).astype(dt)
+            if not contrastive:
+                return ((share * chosen).reshape(pred.shape),), jnp.int32(-1)
+            return ((share * chosen * p).reshape(pred.shape),
+                    (share * chosen * (1 - p)).reshape(pred.shape)), jnp.int32(-1)
         if task == "regression":
             seed = M * select_ / jnp.sum(select_)
             return (seed.reshape(pred.shape),), jnp.int32(-1)

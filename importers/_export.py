@@ -10,6 +10,7 @@ ATen, which has no mutation left.
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 from typing import Any
 
@@ -82,6 +83,7 @@ def export_model(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]):
     as a static graph (data-dependent control flow, unsupported Python, ...).
     """
     model = eval_copy(model)
+    environ = dict(os.environ)  # torch sets e.g. TORCHINDUCTOR_CACHE_DIR lazily while exporting
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -92,8 +94,21 @@ def export_model(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]):
         raise ExportError(
             f"torch.export could not capture {type(model).__name__}.forward as a static graph: "
             f"{type(exc).__name__}: {first}\n"
+            "If the model itself fails on these inputs (a shape or dtype error above), fix the "
+            "inputs first. Otherwise: "
             "dlbjax needs a forward without data-dependent Python control flow (if/while on tensor "
             "values, .item(), .tolist(), boolean-mask indexing). Rewrite that part with torch.where "
             "or static shapes, or explain a sub-module that exports."
         ) from exc
+    finally:
+        _restore_environ(environ)
     return ep
+
+
+def _restore_environ(before: dict) -> None:
+    """Undo environment changes made during export: dlbjax leaves no global side effects."""
+    for key in [k for k in os.environ if k not in before]:
+        del os.environ[key]
+    for key, value in before.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value

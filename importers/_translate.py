@@ -60,6 +60,14 @@ def _source(node: torch.fx.Node) -> Source:
 
 def _var_from_meta(name: str, val: Any, node: torch.fx.Node) -> Var:
     if not isinstance(val, torch.Tensor):
+        if isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool)) or "local_scalar" in str(node.target):
+            raise ExportError(
+                f"node '{node.name}' ({node.target}, module {_source(node)}) reads a tensor value into "
+                f"Python ({val!r}): the graph has data-dependent shapes (.item(), .tolist(), "
+                "nonzero(), boolean-mask indexing; e.g. JetMoe's expert routing). dlbjax compiles "
+                "static shapes only and cannot jit or vmap such a graph. Use a model whose routing "
+                "is static (Hugging Face MoE models with set_experts_implementation('batched_mm')), "
+                "or rewrite that code with fixed shapes (gathers over top-k indices, torch.where).")
         raise ExportError(f"node '{node.name}' ({node.target}) does not produce a tensor ({val!r})")
     shape = []
     for d in val.shape:

@@ -58,6 +58,7 @@ class Options:
     experimental_gating: bool = False
     product_rule: str = "half"
     phi: float = 0.5  # attention value fraction (spec §4.9 step 2, §9.8)
+    router_relevance: bool = False  # MoE routing weights carry relevance (issue: MoE)
 
     @property
     def contrastive(self) -> bool:
@@ -74,6 +75,7 @@ class RuleContext:
     where: str
     absorbed: list = field(default_factory=list)
     info: dict = field(default_factory=dict)  # static facts from the analysis (e.g. attention)
+    magnitudes: dict = field(default_factory=dict)  # arg position -> precomputed |constant arg|
 
     @property
     def out(self):
@@ -85,6 +87,10 @@ class RuleContext:
 
     def carrying(self, i: int) -> bool:
         return carried(self.carries[i]) if i < len(self.carries) else False
+
+    def magnitude(self, i: int):
+        """|args[i]| precomputed once per Explainer for a constant weight, or None (compute it)."""
+        return self.magnitudes.get(i)
 
 
 @dataclass(frozen=True)

@@ -50,8 +50,11 @@ def _channel_bias(bias, weight, out):
     return jnp.broadcast_to(bias.reshape((-1,) + (1,) * (weight.ndim - 2)), out.shape)
 
 
-def _run(ctx, R, nargs, pos, lin, x, w, b):
-    rel, kept = linear_operator_rule(lin, x, w, b, R, ctx.options.contrastive, ctx.gate, y=ctx.out)
+def _run(ctx, R, nargs, pos, lin, x, w, b, wpos=None):
+    # wpos: the argument position w comes from unchanged (its |w| may be precomputed, ctx.magnitude)
+    aw = None if wpos is None else ctx.magnitude(wpos)
+    rel, kept = linear_operator_rule(lin, x, w, b, R, ctx.options.contrastive, ctx.gate, y=ctx.out,
+                                     aw=aw)
     if kept is not None:
         ctx.absorb(jnp.sum(kept))
     out = [None] * nargs
@@ -77,7 +80,7 @@ def _one_of_two(carries):
 # ---- linear ------------------------------------------------------------------------------------
 def _linear(ctx, R, input, weight, bias=None):
     b = None if bias is None else jnp.broadcast_to(bias, ctx.out.shape)
-    return _run(ctx, R, 3, 0, _linear_lin, input, weight, b)
+    return _run(ctx, R, 3, 0, _linear_lin, input, weight, b, wpos=1)
 
 
 register("aten.linear.default", default=_linear, contrastive=_linear, affine=True,
@@ -87,9 +90,10 @@ register("aten.linear.default", default=_linear, contrastive=_linear, affine=Tru
 # ---- addmm / mm / bmm / matmul with one constant operand ---------------------------------------
 def _addmm(ctx, R, self, mat1, mat2, *, beta=1, alpha=1):
     b = jnp.broadcast_to(self * beta, ctx.out.shape)
+    same = alpha == 1  # |mat * alpha| is the precomputed magnitude only for alpha = 1
     if ctx.carrying(1):
-        return _run(ctx, R, 3, 1, _matmul, mat1, mat2 * alpha, b)
-    return _run(ctx, R, 3, 2, _rmatmul, mat2, mat1 * alpha, b)
+        return _run(ctx, R, 3, 1, _matmul, mat1, mat2 * alpha, b, wpos=2 if same else None)
+    return _run(ctx, R, 3, 2, _rmatmul, mat2, mat1 * alpha, b, wpos=1 if same else None)
 
 
 def _addmm_check(carries):
@@ -114,8 +118,8 @@ def _mm(ctx, R, self, other):
             return Streams(pa, na), Streams(pb, nb)
         return bilinear_shares(self, other, R, fa, fb)
     if ctx.carrying(0):
-        return _run(ctx, R, 2, 0, _matmul, self, other, None)
-    return _run(ctx, R, 2, 1, _rmatmul, other, self, None)
+        return _run(ctx, R, 2, 0, _matmul, self, other, None, wpos=1)
+    return _run(ctx, R, 2, 1, _rmatmul, other, self, None, wpos=0)
 
 
 def _mm_check(carries):
@@ -135,7 +139,7 @@ def _convolution(ctx, R, input, weight, bias, stride, padding, dilation, transpo
     else:
         def lin(x, w):
             return conv_nd(x, w, stride, padding, dilation, groups)
-    return _run(ctx, R, 9, 0, lin, input, weight, _channel_bias(bias, weight, ctx.out))
+    return _run(ctx, R, 9, 0, lin, input, weight, _channel_bias(bias, weight, ctx.out), wpos=1)
 
 
 register("aten.convolution.default", default=_convolution, contrastive=_convolution, affine=True,
@@ -145,7 +149,7 @@ register("aten.convolution.default", default=_convolution, contrastive=_convolut
 def _conv(ctx, R, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     def lin(x, w):
         return conv_nd(x, w, stride, padding, dilation, groups)
-    return _run(ctx, R, 7, 0, lin, input, weight, _channel_bias(bias, weight, ctx.out))
+    return _run(ctx, R, 7, 0, lin, input, weight, _channel_bias(bias, weight, ctx.out), wpos=1)
 
 
 register("aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default",
@@ -158,7 +162,7 @@ def _conv_transpose(ctx, R, input, weight, bias=None, stride=1, padding=0, outpu
                     groups=1, dilation=1):
     def lin(x, w):
         return conv_transpose_nd(x, w, stride, padding, output_padding, groups, dilation)
-    return _run(ctx, R, 8, 0, lin, input, weight, _channel_bias(bias, weight, ctx.out))
+    return _run(ctx, R, 8, 0, lin, input, weight, _channel_bias(bias, weight, ctx.out), wpos=1)
 
 
 register("aten.conv_transpose1d.default", "aten.conv_transpose2d.input",

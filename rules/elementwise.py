@@ -216,6 +216,8 @@ register("aten.hardsigmoid.default", default=identity, gate=_experimental("hards
          section=_SECTION)
 register("aten.silu.default", default=identity, gate=_experimental("silu"), section="§2.2, §9.6")
 register("aten.gelu.default", default=identity, gate=_gelu_gate, section="§2.2, §9.6")
+register("aten.clamp.default", "aten.clamp_min.default", "aten.clamp_max.default",
+         default=identity, section="§2.2 (null entry), §4.8")
 register("aten.leaky_relu.default", "aten.elu.default", "aten.selu.default", "aten.celu.default",
          "aten.softplus.default", "aten.mish.default", "aten.hardswish.default",
          "aten.log_sigmoid.default", "aten.log_softmax.int", "aten._log_softmax.default",

@@ -114,6 +114,22 @@ def _reduce(ctx, R, self, dim=None, keepdim=False, *, dtype=None):
     return (rel,)
 
 
+def _max_reduce(ctx, R, self, dim=None, keepdim=False):
+    """max/amax over axes on the relevance path: a global max pool (winner takes all, exact ties
+    split evenly, §4.2). The same for each contrastive stream."""
+    axes = _dims(dim, self.ndim)
+    r = R[0] if isinstance(R, tuple) else R
+    r = r if keepdim else jnp.expand_dims(r, axes)
+    top = jnp.max(self, axis=axes, keepdims=True)
+    winners = self == top
+    count = jnp.sum(winners, axis=axes, keepdims=True)
+    return (jnp.where(winners, r / jnp.maximum(count, 1), 0).astype(r.dtype),)
+
+
+register("aten.max.dim", "aten.amax.default", default=_max_reduce, outputs=(0,),
+         section="§4.2 (global max pool)")
+
+
 def _reduce_all(ctx, R, self, *, dtype=None):
     return _reduce(ctx, R, self, None, False, dtype=dtype)
 

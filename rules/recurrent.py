@@ -17,6 +17,10 @@ parts of step t+1; R5, R6) and the carried R_c (c_n's at the last step):
    ungated (R9: D = P + N + |b|); each bias keeps its |b|/D share (reported as absorbed).
 5. The next (earlier) step's R_h gets the recurrent parts; R_x_t sums the four input parts.
 
+With a projection (``proj_size > 0``, h_t = W_hr (o ⊙ tanh c_t)) step 1 is preceded by the ungated,
+bias-free dense rule over W_hr, which maps R_h onto o ⊙ tanh c_t (decision: the projection is one
+more affine map, §2.1; spec §10 does not cover it).
+
 A constant initial state (the in-graph zeros of a call without ``(h_0, c_0)``, or a buffer; R3) makes
 the first step's recurrent term U h_0 + b_hh a constant: its add-rule share is kept like a bias
 (default mode) and ``f ⊙ c_0`` is a product with a constant, identity to f (so with c_0 = 0 it gets
@@ -56,8 +60,10 @@ Contrastive mode is implemented as the §9.17-style extension: the §3.2 rule at
 step (unit weights for adds; biases enter only through the sign of T and keep no share; a constant
 first-step recurrent term likewise), and each product splits both streams with the same fractions.
 
-The forward recomputation and the backward pass each run as one ``lax.scan`` per layer and
-direction; the input-side dense rule runs once over all steps after the scan.
+The forward recomputation and the backward pass each run as one ``lax.scan`` per layer, the two
+directions of a bidirectional layer vmapped together; the first step's constant-state variant is
+selected inside the scan (no unrolled step); the input-side dense rule runs once over all steps
+after the scan.
 """
 
 from __future__ import annotations
@@ -68,8 +74,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .._lowering import (HIGHEST, embedding_bag_members, gru_step, lstm_step, rnn_affine,
-                         rnn_weights)
+from .._lowering import (HIGHEST, by_direction, embedding_bag_members, from_directions, gru_step,
+                         lstm_step, rnn_affine, rnn_weights, stack_directions)
 from ._math import contrastive_coeffs, default_coeffs, linear_operator_rule, relu, unit_rule
 from ._registry import Streams, carried, register
 from .elementwise import product_shares
@@ -134,43 +140,43 @@ def _dense(x, w, b, R, contrastive):
     return rel, (jnp.sum(kept) if kept is not None else 0.0)
 
 
-def _steps(body, carry, xs, first_body):
-    """Backward through time in processing order: ``body`` for steps T-1..1 (a reverse scan),
-    ``first_body`` for step 0. Returns (final carry, per-step outputs stacked over all steps)."""
-    T = jax.tree_util.tree_leaves(xs)[0].shape[0]
-    head = jax.tree_util.tree_map(lambda a: a[0], xs)
-    if T > 1:
-        carry, ys = lax.scan(body, carry, jax.tree_util.tree_map(lambda a: a[1:], xs), reverse=True)
-    carry, y0 = first_body(carry, head)
-    if T > 1:
-        ys = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a[None], b]), y0, ys)
-    else:
-        ys = jax.tree_util.tree_map(lambda a: a[None], y0)
-    return carry, ys
+def _where(cond, a, b):
+    """Select a (where cond) or b, per stream; ``None`` stands for zeros."""
+    ref_ = a if a is not None else b
+    a = _map(jnp.zeros_like, ref_) if a is None else a
+    b = _map(jnp.zeros_like, ref_) if b is None else b
+    return _map(lambda u, v: jnp.where(cond, u, v), a, b)
+
+
+def _backward_through_time(step, carry, xs):
+    """One reverse scan over the steps (processing order); xs["first"] marks the first step."""
+    T = xs["xg"].shape[0]
+    xs = dict(xs, first=jnp.arange(T) == 0)
+    return lax.scan(step, carry, xs, reverse=True)
 
 
 # ------------------------------------------------------------------------------------------------
 # LSTM
 # ------------------------------------------------------------------------------------------------
 def _lstm_record(w, x, h0, c0):
-    """Forward of one direction in processing order: per step (h_{t-1}, c_{t-1}, c_t)."""
-    w_ih, w_hh, b_ih, b_hh = w
+    """Forward of one direction in processing order: per step h_{t-1}, c_{t-1}, c_t and h_t."""
+    w_ih, w_hh, b_ih, b_hh, w_hr = w
     xg = rnn_affine(x, w_ih, b_ih)
 
     def body(carry, xg_t):
         h, c = carry
-        h2, c2 = lstm_step(w_hh, b_hh, xg_t, h, c)
+        h2, c2 = lstm_step(w_hh, b_hh, xg_t, h, c, w_hr)
         return (h2, c2), (h, c, c2, h2)
 
     _, (h_prev, c_prev, c, h) = lax.scan(body, (h0, c0), xg)
     return dict(x=x, xg=xg, h_prev=h_prev, c_prev=c_prev, c=c), h
 
 
-def _lstm_direction(w, rec, R_ext, R_hn, R_cn, const_h, const_c, rule, contrastive):
+def _lstm_direction(w, rec, R_ext, R_hn, R_cn, *, const_h, const_c, rule, contrastive):
     """Relevance of one LSTM direction (steps 1-5 of the module docstring, processing order).
 
     Returns (R_x, R_h0, R_c0, kept)."""
-    w_ih, w_hh, b_ih, b_hh = w
+    w_ih, w_hh, b_ih, b_hh, w_hr = w
     rg = rnn_affine(rec["h_prev"], w_hh, b_hh)
     a = rec["xg"] + rg
     ai, af, ag, ao = jnp.split(a, 4, axis=-1)
@@ -178,28 +184,31 @@ def _lstm_direction(w, rec, R_ext, R_hn, R_cn, const_h, const_c, rule, contrasti
     xs = dict(R_ext=R_ext, xg=rec["xg"], rg=rg, h_prev=rec["h_prev"], c_prev=rec["c_prev"],
               i=i, f=f, g=g, o=o, tc=jnp.tanh(rec["c"]))
 
-    def step(carry, s, first=False):
+    def step(carry, s):
         R_hrec, R_c, kept = carry
-        R_o, R_tc = gate_shares(s["o"], s["tc"], _plus(s["R_ext"], R_hrec), rule)
+        first = s["first"]
+        R_h = _plus(s["R_ext"], R_hrec)
+        k_proj = 0.0
+        if w_hr is not None:  # h_t = W_hr m_t, m_t = o ⊙ tanh c_t: the ungated dense rule (no bias)
+            R_h, k_proj = _dense(s["o"] * s["tc"], w_hr, None, R_h, contrastive)
+        R_o, R_tc = gate_shares(s["o"], s["tc"], R_h, rule)
         (R_fc, R_ig), _ = _add([s["f"] * s["c_prev"], s["i"] * s["g"]], None, _plus(R_tc, R_c),
                                contrastive)
-        if first and const_c:
-            R_f, R_cprev = R_fc, None  # f ⊙ c_0 with a constant c_0: identity to f
-        else:
-            R_f, R_cprev = gate_shares(s["f"], s["c_prev"], R_fc, rule)
+        R_f, R_cprev = gate_shares(s["f"], s["c_prev"], R_fc, rule)
+        if const_c:  # f ⊙ c_0 with a constant c_0: identity to f
+            R_f, R_cprev = _where(first, R_fc, R_f), _where(first, None, R_cprev)
         R_i, R_g = gate_shares(s["i"], s["g"], R_ig, rule)
         R_a = _cat([R_i, R_f, R_g, R_o])
-        if first and const_h:  # U h_0 + b_hh is a constant: a bias of the add rule (R3)
-            (R_xg,), k = _add([s["xg"]], s["rg"], R_a, contrastive)
-            R_hprev = None
-        else:
-            (R_xg, R_rg), k = _add([s["xg"], s["rg"]], None, R_a, contrastive)
-            R_hprev, k2 = _dense(s["h_prev"], w_hh, b_hh, R_rg, contrastive)
-            k = k + k2
-        return (R_hprev, R_cprev, kept + k), R_xg
+        (R_xg, R_rg), k = _add([s["xg"], s["rg"]], None, R_a, contrastive)
+        if const_h:  # U h_0 + b_hh is a constant: a bias of the add rule at the first step (R3)
+            (R_xg0,), k0 = _add([s["xg"]], s["rg"], R_a, contrastive)
+            R_xg, R_rg, k = _where(first, R_xg0, R_xg), _where(first, None, R_rg), \
+                jnp.where(first, k0, k)
+        R_hprev, k2 = _dense(s["h_prev"], w_hh, b_hh, R_rg, contrastive)
+        return (R_hprev, R_cprev, kept + k + k2 + k_proj), R_xg
 
-    (R_h0, R_c0, kept), R_xg = _steps(step, (R_hn, R_cn, jnp.zeros((), a.dtype)), xs,
-                                      partial(step, first=True))
+    (R_h0, R_c0, kept), R_xg = _backward_through_time(
+        step, (R_hn, R_cn, jnp.zeros((), a.dtype)), xs)
     R_x, k = _dense(rec["x"], w_ih, b_ih, R_xg, contrastive)
     return R_x, R_h0, R_c0, kept + k
 
@@ -208,7 +217,7 @@ def _lstm_direction(w, rec, R_ext, R_hn, R_cn, const_h, const_c, rule, contrasti
 # GRU
 # ------------------------------------------------------------------------------------------------
 def _gru_record(w, x, h0):
-    w_ih, w_hh, b_ih, b_hh = w
+    w_ih, w_hh, b_ih, b_hh, w_hr = w
     xg = rnn_affine(x, w_ih, b_ih)
 
     def body(h, xg_t):
@@ -219,39 +228,43 @@ def _gru_record(w, x, h0):
     return dict(x=x, xg=xg, h_prev=h_prev), h
 
 
-def _gru_direction(w, rec, R_ext, R_hn, const_h, rule, contrastive):
+def _gru_direction(w, rec, R_ext, R_hn, *, const_h, rule, contrastive):
     """Relevance of one GRU direction (steps 1-6 of the GRU part of the module docstring)."""
-    w_ih, w_hh, b_ih, b_hh = w
+    w_ih, w_hh, b_ih, b_hh, w_hr = w
     hg = rnn_affine(rec["h_prev"], w_hh, b_hh)
     xr, xz, xn = jnp.split(rec["xg"], 3, axis=-1)
     hr, hz, hn = jnp.split(hg, 3, axis=-1)
     r, z = jax.nn.sigmoid(xr + hr), jax.nn.sigmoid(xz + hz)
     n = jnp.tanh(xn + r * hn)
-    xs = dict(R_ext=R_ext, xr=xr, xz=xz, xn=xn, hr=hr, hz=hz, hn=hn, r=r, z=z, n=n,
+    xs = dict(R_ext=R_ext, xg=rec["xg"], xr=xr, xz=xz, xn=xn, hr=hr, hz=hz, hn=hn, r=r, z=z, n=n,
               h_prev=rec["h_prev"])
 
-    def step(carry, s, first=False):
+    def step(carry, s):
         R_hrec, kept = carry
-        z, h_prev = s["z"], s["h_prev"]
+        first, z, h_prev = s["first"], s["z"], s["h_prev"]
         (R_u, R_v), _ = _add([(1 - z) * s["n"], z * h_prev], None, _plus(s["R_ext"], R_hrec),
                              contrastive)
         R_1mz, R_n = gate_shares(1 - z, s["n"], R_u, rule)
-        const = first and const_h
-        R_zv, R_hdirect = (R_v, None) if const else gate_shares(z, h_prev, R_v, rule)
-        R_z = _plus(R_1mz, R_zv)  # 1 - z is identity to z
+        R_zv, R_hdirect = gate_shares(z, h_prev, R_v, rule)
         (R_xn, R_rh), _ = _add([s["xn"], s["r"] * s["hn"]], None, R_n, contrastive)
-        R_r, R_hn_ = (R_rh, None) if const else gate_shares(s["r"], s["hn"], R_rh, rule)
-        if const:
-            (R_xr,), k1 = _add([s["xr"]], s["hr"], R_r, contrastive)
-            (R_xz,), k2 = _add([s["xz"]], s["hz"], R_z, contrastive)
-            return (None, kept + k1 + k2), _cat([R_xr, R_xz, R_xn])
+        R_r, R_hn_ = gate_shares(s["r"], s["hn"], R_rh, rule)
+        if const_h:  # z ⊙ h_0 and r ⊙ h_n with a constant h_0: identity to z and r
+            R_zv, R_hdirect = _where(first, R_v, R_zv), _where(first, None, R_hdirect)
+            R_r, R_hn_ = _where(first, R_rh, R_r), _where(first, None, R_hn_)
+        R_z = _plus(R_1mz, R_zv)  # 1 - z is identity to z
         (R_xr, R_hr), k1 = _add([s["xr"], s["hr"]], None, R_r, contrastive)
         (R_xz, R_hz), k2 = _add([s["xz"], s["hz"]], None, R_z, contrastive)
+        k = k1 + k2
+        if const_h:  # h_r, h_z are constants at the first step: biases of the add rule (R3)
+            (R_xr0,), k10 = _add([s["xr"]], s["hr"], R_r, contrastive)
+            (R_xz0,), k20 = _add([s["xz"]], s["hz"], R_z, contrastive)
+            R_xr, R_xz = _where(first, R_xr0, R_xr), _where(first, R_xz0, R_xz)
+            R_hr, R_hz = _where(first, None, R_hr), _where(first, None, R_hz)
+            k = jnp.where(first, k10 + k20, k)
         R_h, k3 = _dense(h_prev, w_hh, b_hh, _cat([R_hr, R_hz, R_hn_]), contrastive)
-        return (_plus(R_h, R_hdirect), kept + k1 + k2 + k3), _cat([R_xr, R_xz, R_xn])
+        return (_plus(R_h, R_hdirect), kept + k + k3), _cat([R_xr, R_xz, R_xn])
 
-    (R_h0, kept), R_xg = _steps(step, (R_hn, jnp.zeros((), hg.dtype)), xs,
-                                partial(step, first=True))
+    (R_h0, kept), R_xg = _backward_through_time(step, (R_hn, jnp.zeros((), hg.dtype)), xs)
     R_x, k = _dense(rec["x"], w_ih, b_ih, R_xg, contrastive)
     return R_x, R_h0, None, kept + k
 
@@ -259,13 +272,11 @@ def _gru_direction(w, rec, R_ext, R_hn, const_h, rule, contrastive):
 # ------------------------------------------------------------------------------------------------
 # The rule of a whole (multi-layer, bidirectional) recurrent op
 # ------------------------------------------------------------------------------------------------
-def _flip(R):
-    return _map(lambda r: jnp.flip(r, 0), R)
-
-
 def _recurrent(kind):
     def rule(ctx, R, input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
              batch_first):
+        """Relevance of ``aten.{lstm,gru}.input`` (module docstring; §4.7, §10 R1-R12): R is
+        (R_output, R_h_n[, R_c_n]); returns (R_input, R_hx) with R_hx None for constant states."""
         contrastive = ctx.options.contrastive
         Rs = list(R) if isinstance(R, tuple) and not isinstance(R, Streams) else [R]
         first = next(r for r in Rs if r is not None)
@@ -273,27 +284,26 @@ def _recurrent(kind):
         cast = lambda v: v.astype(dtype)  # noqa: E731  (relevance runs in the relevance dtype)
         states = [cast(s) for s in (hx if kind == "lstm" else [hx])]
         state_carries = list(ctx.carries[1]) if kind == "lstm" else [ctx.carries[1]]
-        layers = [[tuple(None if p is None else cast(p) for p in w) for w in layer]
+        const = [not carried(c) for c in state_carries]  # R3
+        layers = [stack_directions([tuple(None if p is None else cast(p) for p in w) for w in layer])
                   for layer in rnn_weights(params, has_biases, num_layers, bidirectional)]
+        D = 2 if bidirectional else 1
         x = cast(jnp.swapaxes(input, 0, 1) if batch_first else input)  # [T, B, I]
-        D, H = len(layers[0]), states[0].shape[-1]
+        record = _lstm_record if kind == "lstm" else _gru_record
+        if kind == "lstm":
+            direction = partial(_lstm_direction, const_h=const[0], const_c=const[1],
+                                rule=ctx.options.product_rule, contrastive=contrastive)
+        else:
+            direction = partial(_gru_direction, const_h=const[0], rule=ctx.options.product_rule,
+                                contrastive=contrastive)
 
-        # forward: record every layer and direction (reverse directions run on flipped time)
-        records, inputs = [], []
-        for li, layer in enumerate(layers):
-            inputs.append(x)
-            outs, recs = [], []
-            for d, w in enumerate(layer):
-                k = li * D + d
-                xd = jnp.flip(x, 0) if d else x
-                if kind == "lstm":
-                    rec, h = _lstm_record(w, xd, states[0][k], states[1][k])
-                else:
-                    rec, h = _gru_record(w, xd, states[0][k])
-                recs.append(rec)
-                outs.append(jnp.flip(h, 0) if d else h)
-            records.append(recs)
-            x = jnp.concatenate(outs, axis=-1)
+        # forward: record every layer, its directions vmapped (reverse ones on flipped time)
+        records = []
+        for li, W in enumerate(layers):
+            init = [s[li * D:(li + 1) * D] for s in states]
+            rec, hs = jax.vmap(record)(W, by_direction(x, D), *init)
+            records.append(rec)
+            x = from_directions(hs)
 
         def external(i, shape):
             r = Rs[i] if i < len(Rs) else None
@@ -301,29 +311,19 @@ def _recurrent(kind):
 
         R_seq = external(0, x.shape)
         R_seq = _map(lambda r: jnp.swapaxes(r, 0, 1), R_seq) if batch_first else R_seq
-        R_fin = [external(1 + j, states[j].shape) for j in range(len(states))]
-        R_init = [[None] * states[0].shape[0] for _ in states]
-        kept = 0.0
+        R_fin = [external(1 + j, s.shape) for j, s in enumerate(states)]
+        R_init, kept = [[] for _ in states], 0.0
+        H = states[0].shape[-1]
         for li in reversed(range(len(layers))):  # top-down (R7)
-            R_in = _zeros(inputs[li].shape, dtype, contrastive)
-            for d, w in enumerate(layers[li]):
-                k = li * D + d
-                R_ext = _map(lambda r: r[..., d * H:(d + 1) * H], R_seq)  # R8: by feature position
-                R_ext = _flip(R_ext) if d else R_ext
-                const = [not carried(c) for c in state_carries]  # R3
-                fin = [_map(lambda r: r[k], rf) for rf in R_fin]
-                if kind == "lstm":
-                    R_x, R_h0, R_c0, kp = _lstm_direction(w, records[li][d], R_ext, fin[0], fin[1],
-                                                          const[0], const[1],
-                                                          ctx.options.product_rule, contrastive)
-                    R_init[1][k] = R_c0
-                else:
-                    R_x, R_h0, _, kp = _gru_direction(w, records[li][d], R_ext, fin[0], const[0],
-                                                      ctx.options.product_rule, contrastive)
-                R_init[0][k] = R_h0
-                R_in = _plus(R_in, _flip(R_x) if d else R_x)
-                kept = kept + kp
-            R_seq = R_in
+            # R8: the output relevance splits by feature position, each direction in its own order
+            R_ext = _map(lambda r: jnp.stack([r[..., :H], jnp.flip(r[..., H:], 0)][:D]), R_seq)
+            fin = [_map(lambda r: r[li * D:(li + 1) * D], rf) for rf in R_fin]
+            R_x, R_h0, R_c0, kp = jax.vmap(direction)(layers[li], records[li], R_ext, *fin)
+            R_seq = _map(lambda r: r[0] + (jnp.flip(r[1], 0) if D == 2 else 0), R_x)
+            kept = kept + jnp.sum(kp)
+            R_init[0].insert(0, R_h0)
+            if kind == "lstm":
+                R_init[1].insert(0, R_c0)
         if not contrastive:
             ctx.absorb(kept)
         R_input = _map(lambda r: jnp.swapaxes(r, 0, 1), R_seq) if batch_first else R_seq
@@ -331,9 +331,7 @@ def _recurrent(kind):
         def initial(j):
             if not carried(state_carries[j]):
                 return None
-            parts = [r if r is not None else _zeros(states[j].shape[1:], dtype, contrastive)
-                     for r in R_init[j]]
-            return _map(lambda *rs: jnp.stack(rs), *parts)
+            return _map(lambda *rs: jnp.concatenate(rs, axis=0), *R_init[j])
 
         R_hx = [initial(0), initial(1)] if kind == "lstm" else initial(0)
         return (R_input if ctx.carrying(0) else None, R_hx) + (None,) * 7

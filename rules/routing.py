@@ -91,6 +91,9 @@ register(
     "aten.index.Tensor", "aten.gather.default",
     default=route, route=True, section="§4.3, §4.5, §9.12")
 
+# MoE top-k routing weights, only when they carry relevance (router_relevance=True)
+register("aten.topk.default", default=route, outputs=(0,), section="§4.3 (MoE routing)")
+
 # dtype casts and where-style selection: exact routing too, but never for token ids
 register("aten._to_copy.default", "aten.to.dtype", "aten.type_as.default",
          "aten.where.self", "aten.where.ScalarSelf", "aten.where.ScalarOther",

@@ -61,10 +61,6 @@ def randn(*shape, scale=1.0):
     return (RNG.standard_normal(shape) * scale).astype(np.float32)
 
 
-def uniform(lo, hi, *shape):
-    return RNG.uniform(lo, hi, shape).astype(np.float32)
-
-
 def positive(*shape):
     return RNG.uniform(0.1, 3.0, shape).astype(np.float32)
 
@@ -113,7 +109,9 @@ class Case:
         self.op = op
         self.args = args
         self.kwargs = kwargs
-        self.values = values  # False: compare shape and dtype only (uninitialised memory)
+        # True: compare every output's values; False: shapes and dtypes only (uninitialised
+        # memory); a tuple: the values of just those outputs (the rest: torch bookkeeping)
+        self.values = values
         self.xfail = xfail  # a known divergence from torch: the reason (a strict xfail)
 
     def __repr__(self):
@@ -167,7 +165,9 @@ def to_torch(a):
 
 def to_jax(a):
     if isinstance(a, np.ndarray):
-        return jnp.asarray(a, dtype=jnp_dtype(a.dtype.name))
+        # int64 -> int32 without x64. Cast in numpy and device_put: jnp.asarray would compile a
+        # conversion/copy per shape, and XLA compilations are what this file spends its time on.
+        return jax.device_put(a.astype(jnp_dtype(a.dtype.name)))
     if isinstance(a, torch.dtype):
         return str(a).replace("torch.", "")
     if isinstance(a, list):
@@ -184,10 +184,11 @@ def compare(expected, got, values=True, where="output"):
         assert isinstance(got, tuple), f"{where}: want a tuple of {len(expected)}, got {type(got)}"
         assert len(got) == len(expected), f"{where}: {len(got)} outputs, torch has {len(expected)}"
         for i, (e, g) in enumerate(zip(expected, got)):
-            compare(e, g, values, f"{where}[{i}]")
+            v = (i in values) if isinstance(values, tuple) else values
+            compare(e, g, v, f"{where}[{i}]")
         return
     assert isinstance(expected, torch.Tensor)
-    got = jnp.asarray(got)
+    assert isinstance(got, jax.Array), f"{where}: a {type(got).__name__}, not an array"
     assert tuple(got.shape) == tuple(expected.shape), (
         f"{where}: shape {tuple(got.shape)} != torch {tuple(expected.shape)}")
     want = jnp_dtype(str(expected.dtype).replace("torch.", ""))
@@ -234,7 +235,7 @@ def run_case(case: Case):
     args, kwargs = to_jax(case.args), to_jax(case.kwargs)
     got = fn(*args, **kwargs)
     compare(expected, got, case.values)
-    eager = jax.tree_util.tree_map(lambda v: (tuple(v.shape), jnp.asarray(v).dtype), got)
+    eager = jax.tree_util.tree_map(lambda v: (tuple(v.shape), v.dtype), got)
     traced = jax.tree_util.tree_map(lambda v: (tuple(v.shape), v.dtype),
                                     traced_shapes(fn, args, kwargs))
     assert traced == eager, f"traced {traced} != eager {eager}"
@@ -307,7 +308,7 @@ def _conv_cases():
                 (4, 4, 4, [2, 1] + [2] * (nd - 2), [1, 0] + [0] * (nd - 2), 1, False),
             ]
         # a spread of the combinations per dimensionality (each case costs XLA compilations)
-        configs = [configs[i] for i in {1: (1, 2, 3, 4), 2: (0, 2, 3, 5, 6, 7), 3: (2, 3, 6)}[nd]]
+        configs = [configs[i] for i in {1: (1, 2, 4), 2: (0, 2, 3, 5, 6, 7), 3: (3, 6)}[nd]]
         for cin, cout, g, s, p, d, b in configs:
             x = randn(2, cin, *size)
             w = randn(cout, cin // g, *k)
@@ -363,7 +364,7 @@ def _conv_transpose_cases():
             configs.append((2, 2, 1, [3, 2] + [2] * (nd - 2), [2, 3] + [1] * (nd - 2),
                             [1, 0] + [0] * (nd - 2), [0, 2] + [0] * (nd - 2),
                             [1, 2] + [1] * (nd - 2), True))
-        configs = [configs[i] for i in {1: (1, 4, 5), 2: (1, 2, 3, 5, 6, 7), 3: (2, 7)}[nd]]
+        configs = [configs[i] for i in {1: (4, 5), 2: (1, 2, 3, 5, 6, 7), 3: (2, 7)}[nd]]
         for cin, cg, g, k, s, p, op_, d, b in configs:
             kk = tuple(k) if isinstance(k, list) else (k,) * nd
             x = randn(2, cin, *size)
@@ -408,49 +409,30 @@ def _max_pool_cases():
         cases.append(Case("aten.max_pool1d_with_indices.default", x, [k], stride, [p], [d], c))
         if c:  # the values-only overload shares the window code: its ceil-mode cases suffice
             cases.append(Case("aten.max_pool1d.default", x, [k], stride, [p], [d], c))
-    for nd in (2, 3):
-        combos = list(itertools.product(_MAX_1D, repeat=nd))
-        picks = RNG.choice(len(combos), size=2 if nd == 2 else 1, replace=False)
-        chosen = [combos[i] for i in sorted(picks)]
-        # per-dim mixes plus a uniform ceil-mode combination
-        chosen.append(tuple([_MAX_1D[2]] * nd))
-        chosen.append(tuple([_MAX_1D[3]] + [_MAX_1D[4]] * (nd - 1)))
-        for i, combo in enumerate(chosen):
+    # per-dimension mixes of the rows above (ceil_mode is one flag: the first row's)
+    mixes = {2: [(1, 5), (2, 2), (3, 4)], 3: [(2, 2, 2), (3, 4, 6)]}
+    for nd, rows in mixes.items():
+        for row in rows:
+            combo = [_MAX_1D[r] for r in row]
             ceil = combo[0][5]
-            combo = [(sz, k, s, p, d, ceil) for sz, k, s, p, d, _ in combo]
-            if any(s is None for _, _, s, _, _, _ in combo):
-                stride = []
-            else:
-                stride = [s for _, _, s, _, _, _ in combo]
-            sizes = [sz for sz, *_ in combo]
+            strides = [s for _, _, s, _, _, _ in combo]
+            stride = [] if None in strides else strides
             args = ([k for _, k, *_ in combo], stride, [p for _, _, _, p, _, _ in combo],
                     [d for *_, d, _ in combo], ceil)
-            if any(_pool_out(sz, k, k if not stride else s, p, d, ceil) < 1
-                   for sz, k, s, p, d, _ in combo):
-                continue
-            x = distinct(2, 2, *sizes)
+            x = distinct(2, 2, *[sz for sz, *_ in combo])
             cases.append(Case(f"aten.max_pool{nd}d_with_indices.default", x, *args))
-            if i >= len(chosen) - 2:
+            if ceil:
                 cases.append(Case(f"aten.max_pool{nd}d.default", x, *args))
     # scalar kernel / stride / padding, defaults, unbatched
     cases.append(Case("aten.max_pool2d.default", distinct(1, 2, 7, 7), 3, 2, 1))
     cases.append(Case("aten.max_pool2d_with_indices.default", distinct(2, 7, 6), [3, 2], [2, 2],
                       [1, 1], [1, 1], True))
-    cases.append(Case("aten.max_pool3d_with_indices.default", distinct(2, 3, 4, 5), [2, 3, 2]))
     cases.append(Case("aten.max_pool1d.default", distinct(3, 9), [3], [2], [1], [1], True))
     # NaN and inf propagate like torch
     x = special(2, 2, 6, 6)
     x[0, 0, 0, 0] = np.nan
     cases.append(Case("aten.max_pool2d.default", x, [2, 2], [2, 2]))
     return cases
-
-
-def _pool_out(size, k, s, p, d, ceil):
-    span = size + 2 * p - d * (k - 1) - 1
-    out = (-(-span // s) if ceil else span // s) + 1
-    if ceil and (out - 1) * s >= size + p:
-        out -= 1
-    return out
 
 
 # (size, kernel, stride, padding, ceil_mode) per spatial dim
@@ -470,19 +452,16 @@ def _avg_pool_cases():
     for (size, k, s, p, c), cip in itertools.product(_AVG_1D, (True, False)):
         stride = [] if s is None else [s]
         cases.append(Case("aten.avg_pool1d.default", randn(2, 3, size), [k], stride, [p], c, cip))
-    for nd in (2, 3):
-        combos = list(itertools.product(_AVG_1D, repeat=nd))
-        picks = RNG.choice(len(combos), size=5 if nd == 2 else 2, replace=False)
-        chosen = [combos[i] for i in sorted(picks)] + [tuple([_AVG_1D[2]] * nd)]
-        for i, combo in enumerate(chosen):
+    # per-dimension mixes of the rows above (ceil_mode is one flag: the first row's); each with
+    # count_include_pad True and False and a divisor_override
+    mixes = {2: [(1, 6), (2, 2), (4, 5), (0, 3)], 3: [(2, 2, 2), (5, 1, 4)]}
+    for nd, rows in mixes.items():
+        for i, row in enumerate(rows):
+            combo = [_AVG_1D[r] for r in row]
             ceil = combo[0][4]
             strides = [s for _, _, s, _, _ in combo]
             stride = [] if None in strides else strides
-            sizes = [sz for sz, *_ in combo]
-            if any(_pool_out(sz, k, k if not stride else s, p, 1, ceil) < 1
-                   for sz, k, s, p, _ in combo):
-                continue
-            x = randn(2, 2, *sizes)
+            x = randn(2, 2, *[sz for sz, *_ in combo])
             args = ([k for _, k, *_ in combo], stride, [p for _, _, _, p, _ in combo], ceil)
             for cip, div in [(True, None), (False, None), (bool(i % 2), 3)]:
                 cases.append(Case(f"aten.avg_pool{nd}d.default", x, *args, cip, div))
@@ -511,10 +490,8 @@ def _adaptive_cases():
         cases.append(Case("aten.adaptive_max_pool2d.default", distinct(2, 3, *size), out))
     cases.append(Case("aten.adaptive_max_pool2d.default", distinct(3, 5, 7), [3, 4]))
     for op in ("aten.adaptive_avg_pool3d.default", "aten._adaptive_avg_pool3d.default"):
-        cases.append(Case(op, randn(2, 2, 5, 4, 7), [3, 4, 2]))
-        cases.append(Case(op, randn(2, 1, 1, 2), [3, 2, 5]))
+        cases.append(Case(op, randn(2, 2, 1, 4, 7), [3, 4, 2]))  # 1->3 (larger), 4->4, 7->2
     cases.append(Case("aten.adaptive_max_pool3d.default", distinct(2, 2, 5, 4, 7), [3, 4, 2]))
-    cases.append(Case("aten.adaptive_max_pool3d.default", distinct(2, 3, 2, 3), [4, 3, 1]))
     return cases
 
 
@@ -548,10 +525,9 @@ def _norm_cases():
         cases.append(Case("aten.native_layer_norm.default", x, ns, None, None, 1e-3))
         cases.append(Case("aten.rms_norm.default", x, ns, w, 1e-6))
         cases.append(Case("aten.rms_norm.default", x, ns, None, None))  # eps None: finfo.eps
-        cases.append(Case("aten.rms_norm.default", x, ns, w))
     cases.append(Case("aten.layer_norm.default", randn(2, 5), [5]))
-    cases.append(Case("aten.rms_norm.default", randn(2, 5), [5]))
-    for shape, g in [((2, 6, 5), 3), ((2, 4, 3, 3), 2)]:
+    cases.append(Case("aten.rms_norm.default", randn(2, 5), [5], randn(5)))  # weight, eps None
+    for shape, g in [((2, 6, 5), 3), ((2, 4, 3, 3), 4)]:
         c = shape[1]
         x = randn(*shape, scale=2.0) - 1.0
         cases.append(Case("aten.group_norm.default", x, g, randn(c), randn(c), 1e-5, True))
@@ -625,9 +601,7 @@ def _unary_cases():
         Case("aten.pow.Tensor_Scalar", x, 2),
         Case("aten.pow.Tensor_Scalar", x, 3),
         Case("aten.pow.Tensor_Scalar", away_from_zero(3, 8), -2),
-        Case("aten.pow.Tensor_Scalar", x, 0),
         Case("aten.pow.Tensor_Scalar", positive(3, 8), 0.5),
-        Case("aten.pow.Tensor_Scalar", positive(3, 8), -1.5),
         Case("aten.pow.Tensor_Scalar", randint(-4, 4, 3, 4), 3),
         Case("aten.pow.Tensor_Scalar", randint(-4, 4, 3, 4), 0.5),
         Case("aten.pow.Tensor_Tensor", positive(3, 8), randn(8)),
@@ -644,7 +618,7 @@ def _unary_cases():
         Case("aten.bitwise_not.default", randbool(3, 4)),
         Case("aten.bitwise_not.default", randint(-100, 100, 3, 4)),
     ]
-    for name in ("relu", "sigmoid", "tanh", "exp", "abs", "sign", "floor", "log_sigmoid"):
+    for name in ("relu", "sigmoid", "sign", "log_sigmoid"):
         cases.append(Case(f"aten.{name}.default", special(3, 8)))
     return cases
 
@@ -657,7 +631,7 @@ def test_unary(case):
 def _softmax_cases():
     cases = []
     x = randn(2, 3, 5, scale=3.0)
-    for dim in (0, 1, -1, 2, -2):
+    for dim in (0, -1, -2):
         cases.append(Case("aten._softmax.default", x, dim, False))
         cases.append(Case("aten._log_softmax.default", x, dim, False))
         cases.append(Case("aten.softmax.int", x, dim))
@@ -672,6 +646,9 @@ def _softmax_cases():
         Case("aten._softmax.default", big, 1, False),
         Case("aten._log_softmax.default", big, 0, False),
         Case("aten.softmax.int", randn(7), 0),
+        # torch accepts dim 0 / -1 on a 0-d tensor
+        Case("aten._softmax.default", scalar_array(3.0), 0, False),
+        Case("aten.log_softmax.int", scalar_array(3.0), -1),
     ]
     return cases
 
@@ -757,30 +734,30 @@ def _binary_cases():
     for name in ("eq", "ne", "lt", "le", "gt", "ge"):
         cases += [
             Case(f"aten.{name}.Tensor", q, qb),
-            Case(f"aten.{name}.Tensor", ia, ib),
             Case(f"aten.{name}.Tensor", ia, a),
             Case(f"aten.{name}.Scalar", q, 0.5),
-            Case(f"aten.{name}.Scalar", ia, 1.5),
         ]
     for name in ("logical_and", "logical_or", "logical_xor"):
         cases += [
             Case(f"aten.{name}.default", randbool(3, 4), randbool(4)),
             Case(f"aten.{name}.default", halves(3, 4), randint(-1, 2, 3, 1)),
-            Case(f"aten.{name}.Tensor", randbool(3, 4), randbool(3, 4)),
-            Case(f"aten.{name}.Scalar", randbool(3, 4), randbool(1)),
+            Case(f"aten.{name}.Tensor", randbool(3, 4), randbool(4)),
+            Case(f"aten.{name}.Scalar", randbool(3, 4), randbool(4)),
         ]
     for name in ("bitwise_and", "bitwise_or", "bitwise_xor"):
         cases += [
             Case(f"aten.{name}.Tensor", randint(-50, 50, 3, 4), randint(-50, 50, 4)),
-            Case(f"aten.{name}.Tensor", randbool(3, 4), randbool(3, 1)),
+            Case(f"aten.{name}.Tensor", randbool(3, 4), randbool(4)),
             Case(f"aten.{name}.Scalar", randint(-50, 50, 3, 4), 6),
             Case(f"aten.{name}.Scalar", randbool(3, 4), True),
-            Case(f"aten.{name}.default", randint(0, 50, 3, 4), randint(0, 50, 3, 4)),
+            Case(f"aten.{name}.default", randint(0, 50, 3, 4), randint(0, 50, 4)),
         ]
     cond = randbool(3, 1)
     cases += [
         Case("aten.eq.Tensor", q, scalar_array(0.5)),
         Case("aten.lt.Scalar", ia, 2),
+        Case("aten.ge.Scalar", ia, 1.5),
+        Case("aten.le.Tensor", ia, ib),
         Case("aten.ne.Scalar", randbool(3, 4), True),
         Case("aten.where.self", cond, a, b),
         Case("aten.where.self", randbool(2, 3, 4), c, scalar_array(0.0)),
@@ -815,9 +792,8 @@ def _attention_cases():
     dead[2] = False  # a query row with every key masked: torch gives zeros
     return [
         Case(op, q, k, v, dead),
-        Case(op, q, k, v, randn(2, 1, 5, 6)),  # additive float mask
         Case(op, q, k, v, None, 0.0, True, scale=0.3),  # causal, L < S (top-left aligned)
-        Case(op, randn(2, 4, 5, 4), k, v, bool_mask, enable_gqa=True),
+        Case(op, randn(2, 4, 5, 4), k, v, randn(2, 1, 5, 6), enable_gqa=True),  # float mask
         Case(op, randn(5, 4), randn(6, 4), randn(6, 4),
              xfail="dlbjax/_attention.py reads key.shape[-3]: 2-D (head-less) inputs fail"),
     ]
@@ -825,6 +801,56 @@ def _attention_cases():
 
 @pytest.mark.parametrize("case", group(_attention_cases()))
 def test_attention(case):
+    run_case(case)
+
+
+def _rnn_params(kind, input_size, hidden, layers, bidirectional, bias):
+    gates = {"lstm": 4, "gru": 3}[kind]
+    dirs = 2 if bidirectional else 1
+    params = []
+    for layer in range(layers):
+        for _ in range(dirs):
+            size = input_size if layer == 0 else hidden * dirs
+            params += [randn(gates * hidden, size, scale=0.5),
+                       randn(gates * hidden, hidden, scale=0.5)]
+            if bias:
+                params += [randn(gates * hidden, scale=0.5), randn(gates * hidden, scale=0.5)]
+    return params
+
+
+def _sequence_cases():
+    cases = []
+    # recurrent layers kept whole: (input, hx, params, has_biases, layers, dropout, train, bidir,
+    # batch_first)
+    for kind, layers, bidir, bias, batch_first in [("lstm", 2, True, True, True),
+                                                   ("lstm", 1, False, False, False),
+                                                   ("gru", 2, True, False, False)]:
+        dirs = 2 if bidir else 1
+        x = randn(2, 4, 3) if batch_first else randn(4, 2, 3)  # T=4, B=2, I=3
+        h0, c0 = randn(layers * dirs, 2, 5), randn(layers * dirs, 2, 5)  # H=5
+        hx = [h0, c0] if kind == "lstm" else h0
+        cases.append(Case(f"aten.{kind}.input", x, hx, _rnn_params(kind, 3, 5, layers, bidir, bias),
+                          bias, layers, 0.0, False, bidir, batch_first))
+    # top-k routing (no ties)
+    d = distinct(3, 8)
+    cases += [Case("aten.topk.default", d, 3), Case("aten.topk.default", d, 2, 0),
+              Case("aten.topk.default", d, 4, -1, False),
+              Case("aten.topk.default", d, 1, 1, True, True)]
+    # nn.EmbeddingBag: the bags' values are compared; torch's auxiliary outputs (offset2bag,
+    # bag_size, max_indices: backward bookkeeping that no graph consumer reads) by shape only
+    w, idx = randn(10, 3), np.asarray([1, 2, 4, 5, 4, 3, 2, 9], np.int64)
+    for op in ("aten._embedding_bag.default", "aten._embedding_bag_forward_only.default"):
+        for mode, last, pad in [(0, False, -1), (1, False, 4), (2, False, -1), (0, True, 4),
+                                (1, True, -1), (2, True, 4)]:
+            off = np.asarray([0, 2, 2, 8] if last else [0, 2, 2, 5], np.int64)
+            cases.append(Case(op, w, idx, off, False, mode, False, None, last, pad, values=(0,)))
+        cases.append(Case(op, w, idx, np.asarray([0, 3, 3], np.int64), False, 0, False, randn(8),
+                          values=(0,)))  # per_sample_weights (sum mode)
+    return cases
+
+
+@pytest.mark.parametrize("case", group(_sequence_cases()))
+def test_sequence(case):
     run_case(case)
 
 
@@ -848,6 +874,7 @@ def _shape_cases():
         Case("aten.transpose.int", x, 0, 2),
         Case("aten.transpose.int", x, -1, -2),
         Case("aten.transpose.int", x, 1, 1),
+        Case("aten.transpose.int", scalar_array(1.0), 0, -1),
         Case("aten.squeeze.default", y),
         Case("aten.squeeze.default", randn(1, 1)),
         Case("aten.squeeze.default", x),
@@ -918,6 +945,7 @@ def _shape_cases():
         Case("aten.split.Tensor", randn(7, 3), 2, 1),
         Case("aten.split.Tensor", randn(2, 6), 3, -1),
         Case("aten.split.Tensor", randn(5, 3), 10),
+        Case("aten.split.Tensor", np.zeros((0, 3), np.float32), 0),
         Case("aten.split_with_sizes.default", randn(7, 3), [2, 4, 1]),
         Case("aten.split_with_sizes.default", randn(3, 7), [7], -1),
         Case("aten.split_with_sizes.default", randn(3, 7), [2, 0, 5], 1),
@@ -926,6 +954,7 @@ def _shape_cases():
         Case("aten.chunk.default", randn(6, 5), 4),  # 6 / 4: 3 chunks of 2
         Case("aten.chunk.default", randn(2, 5), 5, 1),
         Case("aten.chunk.default", randn(2, 3), 7, 1),
+        Case("aten.chunk.default", np.zeros((0, 3), np.float32), 2),  # 2 empty pieces
         Case("aten.unbind.int", x),
         Case("aten.unbind.int", x, 1),
         Case("aten.unbind.int", x, -1),
@@ -956,6 +985,7 @@ def _shape_cases():
         Case("aten.index_select.default", x, -1, np.asarray([3, 0, 3], np.int64)),
         Case("aten.index_select.default", x, 0, np.asarray([1], np.int64)),
         Case("aten.index_select.default", randn(6), 0, randint(0, 6, 4)),
+        Case("aten.index_select.default", x, 1, scalar_array(2, np.int64)),  # keeps the dim
         Case("aten.index.Tensor", x, [randint(0, 2, 4)]),
         Case("aten.index.Tensor", x, [None, randint(-3, 3, 2, 2)]),
         Case("aten.index.Tensor", x, [randint(0, 2, 3, 1), None, randint(0, 4, 5)]),  # separated
@@ -1014,11 +1044,17 @@ def _reduction_cases():
     ]
     for op in ("aten.amax.default", "aten.amin.default"):
         cases += [Case(op, x), Case(op, x, [1]), Case(op, x, [0, -1], True), Case(op, x, [], True),
-                  Case(op, ix, [2]), Case(op, bx, [1]), Case(op, special(3, 4), [1])]
+                  Case(op, ix, [2]), Case(op, special(3, 4), [1])]
     for op in ("aten.max.dim", "aten.min.dim"):
         cases += [Case(op, d, 1), Case(op, d, -1, True), Case(op, d, 0, False),
-                  Case(op, randint(-100, 100, 3, 5).astype(np.int64) * 0 + np.arange(15).reshape(
-                      3, 5)[:, RNG.permutation(5)], 1)]
+                  Case(op, np.arange(15, dtype=np.int64).reshape(3, 5)[:, RNG.permutation(5)], 1)]
+    cases += [Case("aten.max.dim", scalar_array(1.5), 0),
+              Case("aten.min.dim", scalar_array(1.5), -1, True),
+              Case("aten.argmax.default", scalar_array(1.5), 0, True),
+              Case("aten.amax.default", scalar_array(1.5), [0]),
+              Case("aten.any.dims", scalar_array(True, bool), [0]),
+              Case("aten.sum.dim_IntList", scalar_array(1.5), [-1], True),
+              Case("aten.cumsum.default", scalar_array(1.5), 0)]
     for op in ("aten.max.default", "aten.min.default"):
         cases += [Case(op, x), Case(op, ix), Case(op, bx)]
     for op in ("aten.argmax.default", "aten.argmin.default"):
@@ -1026,8 +1062,9 @@ def _reduction_cases():
                   Case(op, d, 0), Case(op, distinct(7), 0, True)]
     for name in ("any", "all"):
         fx = np.where(bx, 0.0, randn(2, 3, 4)).astype(np.float32)
-        for s in (bx, fx, np.ones((2, 3, 4), bool)):
+        for s in (bx, fx):
             cases += [Case(f"aten.{name}.default", s), Case(f"aten.{name}.dims", s, [0, 2])]
+        cases.append(Case(f"aten.{name}.default", np.ones((2, 3, 4), bool)))
         cases += [Case(f"aten.{name}.dim", bx, 1), Case(f"aten.{name}.dim", fx, -1, True),
                   Case(f"aten.{name}.dims", fx, [1], True)]
         cases += [Case(f"aten.{name}.dims", bx), Case(f"aten.{name}.dims", bx, None, True),
@@ -1058,18 +1095,14 @@ def _creation_cases():
     cases = [
         Case("aten.arange.default", 5),
         Case("aten.arange.default", 5.0),
-        Case("aten.arange.default", 4.5),
         Case("aten.arange.default", 6, dtype=torch.float32),
         Case("aten.arange.default", 6, dtype=torch.int32),
-        Case("aten.arange.default", 0),
         Case("aten.arange.start", 2, 7),
-        Case("aten.arange.start", -3, 4),
         Case("aten.arange.start", 0.5, 4),
         Case("aten.arange.start", 1, 4, dtype=torch.float32),
         Case("aten.arange.start_step", 0, 10, 3),
         Case("aten.arange.start_step", 10, 0, -3),
         Case("aten.arange.start_step", -1.0, 1.0, 0.25),
-        Case("aten.arange.start_step", 0.5, 3.7, 0.3),
         Case("aten.arange.start_step", 0, 1, 0.1),
         Case("aten.arange.start_step", 0, 12, 2, dtype=torch.float32),
         Case("aten.arange.start_step", 0.0, 5.0, 1.0, dtype=torch.int64),

@@ -1,0 +1,396 @@
+"""Text generation with token-level relevance: :func:`generate`.
+
+How it works (one compilation for the whole generation, one for the whole explanation):
+
+1. The causal LM is imported once at a fixed length ``L = prompt_length + max_new_tokens``: a
+   token buffer holding the prompt, then the generated tokens, then padding, with an attention
+   mask that is 1 on the prompt's own tokens and on tokens generated so far, and ``position_ids``
+   = cumsum(mask) - 1 (1 on masked slots) when the forward takes them, as Hugging Face
+   ``generate`` builds them; left-padded batched prompts therefore get the same positions as in
+   ``generate``.
+2. Decoding runs in one jitted ``lax.fori_loop`` over the steps: each step evaluates the IR
+   forward on the whole buffer (causal attention: the padding after the current position cannot
+   change its logits) and picks the next token at position ``prompt_length + s - 1``:
+
+   * ``"greedy"``: the argmax (ties to the lowest id, as ``torch.argmax``);
+   * ``"sample"``: logits / temperature, then top-k, then top-p (nucleus: the smallest set of
+     most probable tokens whose probability reaches ``top_p``, the most probable always kept), the
+     order of Hugging Face's warpers; the draw is ``jax.random.categorical`` with the key
+     ``fold_in(PRNGKey(seed), step)``, so a seed reproduces the sequence;
+   * ``"beam"``: ``num_beams`` beams per prompt ranked by summed log-probability (the first step
+     starts from one live beam, so beams never duplicate); a finished beam (end-of-sequence
+     emitted) is frozen and extended with padding at log-probability 0; the returned sequence is
+     the beam with the best length-normalised score (score / generated length **
+     ``length_penalty``). Deterministic, but not guaranteed to equal Hugging Face's beam search,
+     which keeps a separate pool of finished hypotheses.
+
+   After a row emits ``eos_token_id`` it is continued with ``pad_token_id`` (Hugging Face's
+   convention); ``steps_valid`` marks the steps generated up to and including the end token.
+3. Explanation: every (row, step) pair becomes one row of a single batched
+   :class:`~dlbjax.Explainer` call (``task="next-token"``): the buffer with the mask cut after the
+   position that predicted the step's token, seeded at that position and at the token actually
+   chosen (sampled tokens are explained, not the argmax). The relevance over the buffer is the
+   step's row of ``token_relevance``: prompt and earlier generated tokens carry it; the token's
+   own position and everything after it are exactly 0 (masked); masked prompt padding is 0 too.
+   This equals a separate :func:`dlbjax.explain` on the prefix (tested).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from ._errors import InputMismatchError
+from ._explain import Explainer, Explanation
+from ._interpret import evaluate
+from ._lowering import jnp_dtype
+from .rules import Streams
+
+__all__ = ["generate", "Generation", "STRATEGIES"]
+
+STRATEGIES = ("greedy", "sample", "beam")
+
+
+@dataclass
+class Generation:
+    """The result of :func:`generate`.
+
+    ``sequences`` [batch, prompt_length + new_tokens]: prompt ids then generated ids (padding after
+    an end token). ``new_tokens`` [batch, new_tokens]. ``token_relevance`` [batch, new_tokens,
+    total_len]: for step s, the relevance of every buffer position for the token generated at step
+    s (zero at and after that token's position); :class:`~dlbjax.Streams` in contrastive mode;
+    ``None`` with ``explain=False``. ``step_logits`` [batch, new_tokens, vocab]: the model's logits
+    that each step chose from (before temperature and filtering). ``step_logprobs`` [batch,
+    new_tokens]: log-probability of the chosen token under the distribution it was drawn from.
+    ``steps_valid`` [batch, new_tokens]: False for the padding steps after an end token.
+    ``explanation``: the underlying :class:`~dlbjax.Explanation` (rows ordered batch-major, one per
+    (row, step)), with its conservation report. ``compilations``: how many times the decoding loop
+    and the relevance pass were traced (each is 1 per call).
+    """
+
+    sequences: np.ndarray
+    prompt_length: int
+    new_tokens: np.ndarray
+    step_logits: np.ndarray
+    step_logprobs: np.ndarray
+    steps_valid: np.ndarray
+    strategy: str
+    token_relevance: Any = None
+    explanation: Optional[Explanation] = None
+    compilations: dict = field(default_factory=dict)
+
+    @property
+    def predictions(self) -> np.ndarray:
+        """Alias of ``step_logits``: the per-step predictions."""
+        return self.step_logits
+
+    def __repr__(self) -> str:
+        rel = None if self.token_relevance is None else (
+            tuple(self.token_relevance.positive.shape) if isinstance(self.token_relevance, Streams)
+            else tuple(self.token_relevance.shape))
+        return (f"Generation(strategy={self.strategy!r}, sequences={tuple(self.sequences.shape)}, "
+                f"prompt_length={self.prompt_length}, token_relevance={rel})")
+
+
+# ------------------------------------------------------------------------------------------------
+# options and inputs
+# ------------------------------------------------------------------------------------------------
+def _check(strategy, max_new_tokens, temperature, top_k, top_p, num_beams):
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, not {strategy!r}")
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, not {max_new_tokens!r}")
+    if not (isinstance(temperature, (int, float)) and np.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive number, not {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 0):
+        raise ValueError(f"top_k must be None or a non-negative int (0 = off), not {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be None or in (0, 1], not {top_p!r}")
+    if num_beams is None:
+        num_beams = 4 if strategy == "beam" else 1
+    if not isinstance(num_beams, (int, np.integer)) or num_beams < 1:
+        raise ValueError(f"num_beams must be a positive int, not {num_beams!r}")
+    if strategy == "beam" and num_beams < 2:
+        raise ValueError("strategy='beam' needs num_beams >= 2")
+    if strategy != "beam" and num_beams != 1:
+        raise ValueError(f"num_beams={num_beams} needs strategy='beam'")
+    return int(num_beams)
+
+
+def _prompt(inputs) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids [B, T0] int64, attention_mask [B, T0] int64) from a tensor or a dict/BatchEncoding."""
+    if isinstance(inputs, (torch.Tensor, np.ndarray)):
+        ids, mask = inputs, None
+    elif isinstance(inputs, dict) or hasattr(inputs, "keys"):
+        d = dict(inputs)
+        if "input_ids" not in d:
+            raise InputMismatchError(f"generate needs 'input_ids'; got keys {sorted(d)}")
+        extra = sorted(k for k in d if k not in ("input_ids", "attention_mask", "token_type_ids")
+                       and isinstance(d[k], (torch.Tensor, np.ndarray)))  # flags are ignored
+        if extra:
+            raise InputMismatchError(f"generate takes input_ids and attention_mask; cannot extend "
+                                     f"{extra} token by token")
+        ids, mask = d["input_ids"], d.get("attention_mask")
+    else:
+        raise InputMismatchError(f"inputs must be input_ids or a dict/BatchEncoding with input_ids, "
+                                 f"not {type(inputs).__name__}")
+
+    def host(x):
+        return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+    ids = host(ids)
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or ids.dtype.kind not in "iu":
+        raise InputMismatchError(f"input_ids must be integer [batch, length], got {ids.dtype} "
+                                 f"{ids.shape}")
+    if ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise InputMismatchError(f"input_ids is empty ({ids.shape})")
+    mask = np.ones_like(ids) if mask is None else host(mask).reshape(ids.shape)
+    if not np.all(mask.any(axis=1)):
+        raise InputMismatchError("a prompt's attention_mask is all zeros: nothing to generate from")
+    return ids.astype(np.int64), (mask != 0).astype(np.int64)
+
+
+def _positions(mask):
+    """position_ids as Hugging Face generate builds them: cumsum(mask) - 1, 1 where masked."""
+    xp = jnp if isinstance(mask, jax.Array) else np
+    pos = xp.cumsum(mask, axis=-1) - 1
+    return xp.where(mask == 0, 1, pos)
+
+
+def _special(model, eos_token_id, pad_token_id):
+    gen = getattr(model, "generation_config", None)
+    cfg = getattr(model, "config", None)
+    if eos_token_id is None:
+        eos_token_id = getattr(gen, "eos_token_id", None)
+        if eos_token_id is None:
+            eos_token_id = getattr(cfg, "eos_token_id", None)
+    eos = [] if eos_token_id is None else (
+        list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else [int(eos_token_id)])
+    if pad_token_id is None:
+        pad_token_id = getattr(gen, "pad_token_id", None)
+    if pad_token_id is None:
+        pad_token_id = eos[0] if eos else 0
+    return eos, int(pad_token_id)
+
+
+# ------------------------------------------------------------------------------------------------
+# decoding
+# ------------------------------------------------------------------------------------------------
+def _filter(logits, temperature, top_k, top_p):
+    """Temperature, then top-k, then top-p, as Hugging Face's warpers (filtered entries -inf)."""
+    logits = logits / temperature
+    V = logits.shape[-1]
+    if top_k:
+        k = min(int(top_k), V)
+        kth = jax.lax.top_k(logits, k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p is not None and top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more probable tokens
+        keep_sorted = (before < top_p).at[..., 0].set(True)
+        keep = jnp.zeros_like(keep_sorted).at[
+            jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+        logits = jnp.where(keep, logits, -jnp.inf)
+    return logits
+
+
+def _decoder(program, explained, consts, names, *, T0, N, strategy, temperature, top_k, top_p,
+             num_beams, eos, pad, length_penalty, counter):
+    """A jitted function (ids, mask, key) -> (sequences, step_logits, step_logprobs, valid)."""
+    out_var = program.outputs[explained]
+    specs = {v.name: (tuple(v.shape), jnp_dtype(v.dtype)) for v in program.inputs}
+    eos_arr = jnp.asarray(eos if eos else [-1], jnp.int32)
+
+    def logits_at(ids, mask, p):
+        def row(i, m):
+            given = {"input_ids": i, "attention_mask": m, "position_ids": _positions(m)}
+            outs = evaluate(program, consts, [given[n].reshape(specs[n][0]).astype(specs[n][1])
+                                              for n in names])
+            y = outs[explained].reshape(out_var.shape[-2:])
+            return jax.lax.dynamic_index_in_dim(y, p, axis=0, keepdims=False)
+        return jax.vmap(row)(ids, mask).astype(jnp.float32)
+
+    def run(ids, mask, key):
+        counter["generate"] += 1
+        B, L = ids.shape
+        V = out_var.shape[-1]
+        K = num_beams
+        ids = jnp.repeat(ids, K, axis=0)
+        mask = jnp.repeat(mask, K, axis=0)
+        state = dict(ids=ids, mask=mask, done=jnp.zeros((B * K,), bool),
+                     logits=jnp.zeros((B * K, N, V), jnp.float32),
+                     logp=jnp.zeros((B * K, N), jnp.float32),
+                     valid=jnp.zeros((B * K, N), bool),
+                     score=jnp.tile(jnp.asarray([0.0] + [-jnp.inf] * (K - 1), jnp.float32), B),
+                     length=jnp.zeros((B * K,), jnp.int32))
+
+        def step(s, st):
+            p = T0 + s - 1
+            raw = logits_at(st["ids"], st["mask"], p)  # [B*K, V]
+            done = st["done"]
+            if strategy == "beam":
+                lp = jax.nn.log_softmax(raw, axis=-1)
+                frozen = jnp.full((V,), -jnp.inf).at[pad].set(0.0)
+                lp = jnp.where(done[:, None], frozen[None, :], lp)
+                cand = (st["score"][:, None] + lp).reshape(B, K * V)
+                best, flat = jax.lax.top_k(cand, K)  # ties: lowest index first
+                origin = (jnp.arange(B)[:, None] * K + flat // V).reshape(-1)
+                tok = (flat % V).reshape(-1).astype(jnp.int32)
+                st = {k: v[origin] for k, v in st.items()}
+                chosen_lp = lp[origin, tok]
+                score = best.reshape(-1)
+                raw = raw[origin]
+                done = st["done"]
+            else:
+                if strategy == "greedy":
+                    lp = jax.nn.log_softmax(raw, axis=-1)
+                    tok = jnp.argmax(raw, axis=-1).astype(jnp.int32)
+                else:
+                    filt = _filter(raw, temperature, top_k, top_p)
+                    lp = jax.nn.log_softmax(filt, axis=-1)
+                    tok = jax.random.categorical(jax.random.fold_in(key, s), filt).astype(jnp.int32)
+                tok = jnp.where(done, pad, tok)
+                chosen_lp = jnp.where(done, 0.0, jnp.take_along_axis(lp, tok[:, None], 1)[:, 0])
+                score = st["score"]
+            valid = ~done
+            new_done = done | jnp.any(tok[:, None] == eos_arr[None, :], axis=1)
+            pos = T0 + s
+            return dict(ids=st["ids"].at[:, pos].set(tok.astype(st["ids"].dtype)),
+                        mask=st["mask"].at[:, pos].set(1),
+                        done=new_done,
+                        logits=st["logits"].at[:, s].set(raw),
+                        logp=st["logp"].at[:, s].set(chosen_lp),
+                        valid=st["valid"].at[:, s].set(valid),
+                        score=score,
+                        length=st["length"] + valid.astype(jnp.int32))
+
+        st = jax.lax.fori_loop(0, N, step, state)
+        if strategy == "beam":
+            norm = st["score"] / jnp.maximum(st["length"], 1).astype(jnp.float32) ** length_penalty
+            pick = jnp.arange(B) * K + jnp.argmax(norm.reshape(B, K), axis=1)
+            st = {k: v[pick] for k, v in st.items()}
+        return st["ids"], st["logits"], st["logp"], st["valid"]
+
+    return jax.jit(run)
+
+
+# ------------------------------------------------------------------------------------------------
+# public entry point
+# ------------------------------------------------------------------------------------------------
+def generate(model: torch.nn.Module, inputs: Any, *, max_new_tokens: int = 16,
+             strategy: str = "greedy", temperature: float = 1.0, top_k: Optional[int] = None,
+             top_p: Optional[float] = None, num_beams: Optional[int] = None, seed: int = 0,
+             explain: bool = True, mode: str = "default", multiplier: float = 100.0,
+             eos_token_id: Any = None, pad_token_id: Optional[int] = None,
+             length_penalty: float = 1.0, batch_size: int = 32, progress: bool = False,
+             **explainer_options) -> Generation:
+    """Generate text with a Hugging Face (or any) causal LM and explain every generated token.
+
+    ``inputs``: ``input_ids`` [batch, prompt_length] (a tensor or array) or a dict/BatchEncoding
+    with ``input_ids`` and ``attention_mask`` (batched prompts of different lengths: pad on the
+    left, as for Hugging Face ``generate``). ``strategy``: ``"greedy"``, ``"sample"``
+    (``temperature``, ``top_k``, ``top_p``; reproducible from ``seed``) or ``"beam"``
+    (``num_beams``, default 4). ``explain``: compute ``token_relevance`` (one batched relevance
+    pass over all steps; ``batch_size`` rows per compiled call). ``mode``/``multiplier`` and other
+    keyword options go to the :class:`~dlbjax.Explainer`. The model is not modified; its forward
+    must return logits [batch, length, vocab] (as ``*ForCausalLM`` models do). The end token and the
+    padding token default to the model's generation config. See the module docstring for how each
+    strategy is computed. Returns a :class:`Generation`.
+    """
+    num_beams = _check(strategy, max_new_tokens, temperature, top_k, top_p, num_beams)
+    ids, mask = _prompt(inputs)
+    B, T0 = ids.shape
+    N = int(max_new_tokens)
+    L = T0 + N
+    eos, pad = _special(model, eos_token_id, pad_token_id)
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        params = {}
+    example = {"input_ids": torch.full((1, L), pad, dtype=torch.long),
+               "attention_mask": torch.ones((1, L), dtype=torch.long)}
+    if "position_ids" in params:
+        example["position_ids"] = torch.arange(L)[None]
+    if "use_cache" in params:
+        example["use_cache"] = False
+    explainer = Explainer(model, example, task="next-token", mode=mode, multiplier=multiplier,
+                          **explainer_options)
+    program = explainer.program
+    names = [v.name for v in program.inputs]
+    unknown = [n for n in names if n not in ("input_ids", "attention_mask", "position_ids")]
+    if unknown:
+        raise InputMismatchError(f"generate can drive a forward taking input_ids, attention_mask and "
+                                 f"position_ids; this one also needs {unknown}")
+    out_var = program.outputs[explainer.explained]
+    if len(out_var.shape) != 3 or out_var.shape[1] != L:
+        raise InputMismatchError(f"generate needs logits [batch, length, vocab] from the model; its "
+                                 f"output has shape {out_var.shape}")
+    V = out_var.shape[-1]
+    bad = [t for t in eos + [pad] if not 0 <= t < V]
+    if bad:
+        raise InputMismatchError(f"end/padding token ids {bad} are outside the vocabulary (size {V})")
+
+    counter = {"generate": 0}
+    run = _decoder(program, explainer.explained, explainer._consts, names, T0=T0, N=N,
+                   strategy=strategy, temperature=float(temperature), top_k=top_k, top_p=top_p,
+                   num_beams=num_beams, eos=eos, pad=pad, length_penalty=float(length_penalty),
+                   counter=counter)
+    buf_ids = np.full((B, L), pad, np.int64)
+    buf_ids[:, :T0] = ids
+    buf_mask = np.zeros((B, L), np.int64)
+    buf_mask[:, :T0] = mask
+    dt = jnp_dtype("int64")
+    seqs, logits, logp, valid = jax.device_get(run(jnp.asarray(buf_ids, dt), jnp.asarray(buf_mask, dt),
+                                                   jax.random.PRNGKey(int(seed))))
+    seqs = np.asarray(seqs).astype(np.int64)
+    result = Generation(sequences=seqs, prompt_length=T0, new_tokens=seqs[:, T0:],
+                        step_logits=np.asarray(logits), step_logprobs=np.asarray(logp),
+                        steps_valid=np.asarray(valid), strategy=strategy,
+                        compilations=counter)
+    if explain:
+        _explain_steps(result, explainer, mask, batch_size, progress, names, pad)
+    return result
+
+
+def _explain_steps(result: Generation, explainer: Explainer, prompt_mask, batch_size, progress,
+                   names, pad) -> None:
+    """One batched relevance pass over every (row, step): rows ordered batch-major."""
+    seqs, T0 = result.sequences, result.prompt_length
+    B, L = seqs.shape
+    N = L - T0
+    rows_ids = np.repeat(seqs, N, axis=0)  # [B*N, L]
+    step = np.tile(np.arange(N), B)
+    cut = T0 + step - 1  # the position whose logits chose the step's token
+    keep = np.arange(L)[None, :] <= cut[:, None]
+    full_mask = np.concatenate([prompt_mask, np.ones((B, N), np.int64)], axis=1)
+    rows_mask = np.repeat(full_mask, N, axis=0) * keep
+    rows_ids = np.where(keep, rows_ids, pad)  # never seen: masked and after the position
+    targets = seqs[np.repeat(np.arange(B), N), T0 + step]
+    data = {"input_ids": rows_ids, "attention_mask": rows_mask}
+    if "position_ids" in names:
+        data["position_ids"] = _positions(rows_mask)
+    before = explainer.trace_count
+    exp = explainer.batch(data, target=targets.astype(np.int64),
+                          batch_size=max(1, min(int(batch_size), B * N)), progress=progress)
+    result.compilations["explain"] = explainer.trace_count - before
+    rel = exp.relevance["input_ids"]
+    valid = result.steps_valid.reshape(-1)[:, None]
+
+    def shape(a):
+        return (np.asarray(a) * valid).reshape(B, N, L)
+
+    result.token_relevance = Streams(shape(rel.positive), shape(rel.negative)) \
+        if isinstance(rel, Streams) else shape(rel)
+    result.explanation = exp
+
