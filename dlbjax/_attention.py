@@ -43,7 +43,7 @@ def sdpa_parts(query, key, value, attn_mask=None, is_causal=False, scale=None, e
     """(scaled scores, additive mask or None, probabilities, key, value after GQA repetition)."""
     E = query.shape[-1]
     scale = 1.0 / jnp.sqrt(E).astype(query.dtype) if scale is None else scale
-    if enable_gqa or key.shape[-3] != query.shape[-3]:
+    if min(query.ndim, key.ndim) >= 3 and key.shape[-3] != query.shape[-3]:  # grouped-query
         key = repeat_kv(key, query.shape[-3])
         value = repeat_kv(value, query.shape[-3])
     scores = jnp.matmul(query, jnp.swapaxes(key, -1, -2), precision=HIGHEST) * scale

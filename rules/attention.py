@@ -57,6 +57,8 @@ def bilinear_shares(a, b, R, fa=0.5, fb=0.5):
 
 def _fold_heads(r, n_kv):
     """Sum relevance of repeated key/value heads (axis -3) back into their source head."""
+    if r.ndim < 3 or r.shape[-3] == n_kv:  # head-less (2-D) or one key/value head per query head
+        return r
     h = r.shape[-3]
     if h == n_kv:
         return r
@@ -82,8 +84,8 @@ def sdpa_relevance(R, query, key, value, attn_mask=None, is_causal=False, scale=
         R_s = rd * s_abs
         absorbed = jnp.sum(jnp.where(rd > 0, rd * m_abs, 0))
     R_q, R_kt = bilinear_shares(query, _mt(k_rep), R_s)
-    R_k = _fold_heads(_mt(R_kt), key.shape[-3])
-    R_v = _fold_heads(R_v, value.shape[-3])
+    R_k = _fold_heads(_mt(R_kt), key.shape[-3] if key.ndim >= 3 else None)
+    R_v = _fold_heads(R_v, value.shape[-3] if value.ndim >= 3 else None)
     return (unbroadcast(R_q, query.shape), unbroadcast(R_k, key.shape),
             unbroadcast(R_v, value.shape), absorbed)
 

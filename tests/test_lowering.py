@@ -794,8 +794,7 @@ def _attention_cases():
         Case(op, q, k, v, dead),
         Case(op, q, k, v, None, 0.0, True, scale=0.3),  # causal, L < S (top-left aligned)
         Case(op, randn(2, 4, 5, 4), k, v, randn(2, 1, 5, 6), enable_gqa=True),  # float mask
-        Case(op, randn(5, 4), randn(6, 4), randn(6, 4),
-             xfail="dlbjax/_attention.py reads key.shape[-3]: 2-D (head-less) inputs fail"),
+        Case(op, randn(5, 4), randn(6, 4), randn(6, 4)),
     ]
 
 
