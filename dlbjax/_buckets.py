@@ -108,8 +108,10 @@ class Bucketing:
 
         relevance = {k: (cut(v, 2) if k in self.seq_names else v) for k, v in e.relevance.items()}
         outputs = {k: cut(v, 3) for k, v in e.outputs.items()}  # per-token outputs [B, T, ...]
+        inputs = None if e.inputs is None else {
+            k: (cut(v, 2) if k in self.seq_names else v) for k, v in e.inputs.items()}
         return dataclasses.replace(e, relevance=relevance, outputs=outputs,
-                                   prediction=cut(e.prediction, 3))
+                                   prediction=cut(e.prediction, 3), inputs=inputs)
 
     @property
     def trace_count(self) -> int:

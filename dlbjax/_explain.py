@@ -93,12 +93,68 @@ class Explanation:
     outputs: dict = field(default_factory=dict)
     layers: Optional[dict] = None
     experts: Optional[list] = None
+    # optional extras for the pictures (dlbjax._views): ``inputs``: the explained inputs by name
+    # (the image beside a heatmap, the token ids to decode); ``flow``: the layers' data flow,
+    # {"order": [layer keys in execution order], "edges": [(src key, dst key), ...]}, as built
+    # by dlbjax._views.layer_flow(program, layers) (used by plot_graph)
+    inputs: Optional[dict] = None
+    flow: Optional[dict] = None
 
     def __repr__(self) -> str:
         shapes = {k: (tuple(v.positive.shape) if isinstance(v, Streams) else tuple(v.shape))
                   for k, v in self.relevance.items()}
         return (f"Explanation(mode={self.mode!r}, task={self.task!r}, rows={len(self.target)}, "
                 f"target={self.target.tolist()}, relevance={shapes})")
+
+    def __eq__(self, other) -> bool:
+        """Exact field-by-field equality (arrays by shape, dtype and value)."""
+        from ._save import explanations_equal
+        return explanations_equal(self, other)
+
+    # ---- pictures and files (dlbjax._views, dlbjax._save) --------------------------------------
+    def plot(self, **kw):
+        """The natural picture of one row's relevance (heatmap, highlighted tokens or a bar
+        chart); see :func:`dlbjax.plot`. Returns the matplotlib Figure."""
+        from ._views import plot
+        return plot(self, **kw)
+
+    def plot_graph(self, top_k: int = 15, **kw):
+        """Relevance flow through the layers (needs ``layers=True``); see
+        :func:`dlbjax.plot_graph`."""
+        from ._views import plot_graph
+        return plot_graph(self, top_k, **kw)
+
+    def plot_experts(self, **kw):
+        """Layers x experts heatmap of an MoE explanation; see :func:`dlbjax.plot_experts`."""
+        from ._views import plot_experts
+        return plot_experts(self, **kw)
+
+    def to_html(self, **kw) -> str:
+        """HTML of the tokens coloured by relevance (or a table of the top features); see
+        :func:`dlbjax.to_html`."""
+        from ._views import to_html
+        return to_html(self, **kw)
+
+    def _repr_html_(self) -> str:
+        """Notebook display: :func:`dlbjax.to_html` of row 0 (the escaped repr if that fails)."""
+        from ._views import to_html
+        try:
+            return to_html(self)
+        except Exception:  # a display hook must not raise
+            import html
+            return f"<pre>{html.escape(repr(self))}</pre>"
+
+    def save(self, path) -> str:
+        """Save to one ``.npz`` file (no pickle); read it with :meth:`Explanation.load` or
+        :func:`dlbjax.load_explanation`. Returns the path written."""
+        from ._save import save_explanation
+        return save_explanation(self, path)
+
+    @classmethod
+    def load(cls, path) -> "Explanation":
+        """Load an Explanation written by :meth:`save`."""
+        from ._save import load_explanation
+        return load_explanation(path)
 
 
 def _check_options(mode, multiplier, batch_axis, product_rule):
@@ -505,7 +561,7 @@ class Explainer:
         arrays, n = self._to_rows(inputs)
         classes, select = check_targets(self.task, target, n, self._out_size)
         raw = run_rows(self, arrays, classes, select)  # chunked only past max_batch or on OOM
-        return self._explanation(raw, n)
+        return self._explanation(raw, n, arrays=arrays)
 
     def batch(self, data: Any, target: Any = None, batch_size: int = 64,
               progress: bool = False) -> Explanation:
@@ -523,7 +579,7 @@ class Explainer:
         size = max(1, min(int(batch_size), n))
         # fixed-size chunks, sharded over the devices, halved on out-of-memory (dlbjax._parallel)
         raw = run_rows(self, arrays, classes, select, size=size, progress=progress)
-        return self._explanation(raw, n, dataset=True)
+        return self._explanation(raw, n, dataset=True, arrays=arrays)
 
     def explain_dataset(self, data: Any, batch_size: int = 64, out: Any = None, target: Any = None,
                         **options):
@@ -536,7 +592,8 @@ class Explainer:
         return explain_dataset(self, data, batch_size=batch_size, out=out, target=target, **options)
 
     # ---- results -------------------------------------------------------------------------------
-    def _explanation(self, raw: dict, n: int, dataset: bool = False) -> Explanation:
+    def _explanation(self, raw: dict, n: int, dataset: bool = False,
+                     arrays: Optional[tuple] = None) -> Explanation:
         _check_finite_relevance(raw)
         contrastive = self.options.contrastive
 
@@ -581,10 +638,22 @@ class Explainer:
                 key = f"{path}/{v}" if path else v
                 layers[key] = finish(streams, False)
         target = np.asarray(raw["target"]).reshape(-1)
+        kept = None
+        if arrays is not None:  # the explained inputs, in the layout of their relevance
+            kept = {}
+            for (name, _, _), a in zip(self._row_specs, arrays):
+                ref = relevance[name].positive if contrastive else relevance[name]
+                a = np.asarray(a)
+                kept[name] = a.reshape(ref.shape) if a.size == ref.size else a
+        flow = None
+        if layers:
+            from ._views import layer_flow
+            flow = layer_flow(self.program, layers)
         return Explanation(relevance=relevance, prediction=pred, target=target,
                            conservation=Conservation(seed, inputs_total, bias, lost),
                            mode=self.mode, task=self.task, multiplier=self.multiplier,
-                           outputs=outputs, layers=layers, experts=experts)
+                           outputs=outputs, layers=layers, experts=experts, inputs=kept,
+                           flow=flow)
 
 
 def _expert_relevance(layer, raw: dict, contrastive: bool) -> dict:
