@@ -10,6 +10,7 @@ ATen, which has no mutation left.
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 import warnings
 from typing import Any
@@ -83,6 +84,7 @@ def export_model(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]):
     as a static graph (data-dependent control flow, unsupported Python, ...).
     """
     model = eval_copy(model)
+    kwargs = _without_cache(model, args, kwargs)
     environ = dict(os.environ)  # torch sets e.g. TORCHINDUCTOR_CACHE_DIR lazily while exporting
     try:
         with warnings.catch_warnings():
@@ -103,6 +105,18 @@ def export_model(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]):
     finally:
         _restore_environ(environ)
     return ep
+
+
+def _without_cache(model, args: tuple, kwargs: dict) -> dict:
+    """``use_cache=False`` for forwards that take it (Hugging Face decoders) when the caller did
+    not set it: a key/value cache object is not a tensor output, and explaining needs none."""
+    try:
+        names = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return kwargs
+    if "use_cache" in names and "use_cache" not in kwargs and len(args) <= names.index("use_cache"):
+        return {**kwargs, "use_cache": False}
+    return kwargs
 
 
 def _restore_environ(before: dict) -> None:

@@ -196,3 +196,13 @@ def test_a_model_without_sequence_logits_is_refused():
     classifier = hf_zoo.tiny("bert")
     with pytest.raises(dlbjax.InputMismatchError, match="logits"):
         dlbjax.generate(classifier, prompt(), max_new_tokens=2)
+
+
+def test_causal_lm_explains_without_a_use_cache_flag(llama):
+    """Hugging Face decoders return a cache object unless use_cache=False; dlbjax sets it."""
+    p = prompt(batch=1)
+    e = dlbjax.explain(llama, p)
+    assert e.task == "next-token"
+    with torch.no_grad():
+        ref = llama(**p, use_cache=False).logits.numpy()
+    np.testing.assert_allclose(e.prediction, ref, rtol=1e-4, atol=1e-5)
