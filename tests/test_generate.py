@@ -94,8 +94,8 @@ def test_sampling_is_reproducible_from_the_seed(llama):
     np.testing.assert_array_equal(a.sequences, b.sequences)
     assert not np.array_equal(a.sequences, c.sequences)
     # the chosen tokens' log-probabilities are those of the tempered distribution
-    lp = torch.log_softmax(torch.as_tensor(a.step_logits) / 1.5, -1)
-    chosen = torch.gather(lp, 2, torch.as_tensor(a.new_tokens)[..., None])[..., 0]
+    lp = torch.log_softmax(torch.tensor(a.step_logits) / 1.5, -1)
+    chosen = torch.gather(lp, 2, torch.tensor(a.new_tokens)[..., None])[..., 0]
     np.testing.assert_allclose(a.step_logprobs, chosen.numpy(), atol=1e-5)
 
 
