@@ -34,9 +34,17 @@ def greedy(llama):
     return dlbjax.generate(llama, prompt(), max_new_tokens=6, eos_token_id=[])
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def tiny_gpt2():
+    import transformers as tf
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=128, n_positions=64,
+                        bos_token_id=1, eos_token_id=2)
+    return tf.GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3", "gpt2"])
 def test_greedy_equals_hugging_face_generate(name, llama):
-    model = llama if name == "llama" else hf_zoo.tiny(name)
+    model = {"llama": lambda: llama, "gpt2": tiny_gpt2}.get(name, lambda: hf_zoo.tiny(name))()
     p = prompt(seed=7)
     ours = dlbjax.generate(model, p, max_new_tokens=7, explain=False)
     hf = model.generate(**p, max_new_tokens=7, do_sample=False).numpy()
