@@ -90,6 +90,79 @@ class Generation:
         """Alias of ``step_logits``: the per-step predictions."""
         return self.step_logits
 
+    # ---- pictures ------------------------------------------------------------------------------
+    def _net_relevance(self, row: int) -> np.ndarray:
+        if self.token_relevance is None:
+            raise ValueError("this generation was made with explain=False: no token relevance")
+        r = self.token_relevance
+        r = r.positive - r.negative if isinstance(r, Streams) else r
+        return np.asarray(r[row])  # [new_tokens, total_len]
+
+    def _labels(self, row: int, tokenizer) -> list:
+        ids = [int(i) for i in self.sequences[row]]
+        if tokenizer is None:
+            return [str(i) for i in ids]
+        if hasattr(tokenizer, "convert_ids_to_tokens"):
+            return [str(t) for t in tokenizer.convert_ids_to_tokens(ids)]
+        return [str(tokenizer.decode([i])) for i in ids]
+
+    def plot(self, row: int = 0, *, tokenizer: Any = None, ax: Any = None, path: Any = None):
+        """Heatmap of one row's ``token_relevance``: one line per generated token (labelled with
+        it), one column per buffer position (prompt then generated tokens); red positive, blue
+        negative (contrastive: positive minus negative). Returns the matplotlib Figure."""
+        import matplotlib.pyplot as plt
+        r = self._net_relevance(row)
+        labels = self._labels(row, tokenizer)
+        T0, N = self.prompt_length, r.shape[0]
+        if ax is None:
+            fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * len(labels)), max(2.5, 0.4 * N + 1)))
+        else:
+            fig = ax.figure
+        m = float(np.max(np.abs(r))) or 1.0
+        im = ax.imshow(r, cmap="bwr", vmin=-m, vmax=m, aspect="auto", interpolation="nearest")
+        ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=8)
+        ax.set_yticks(range(N), [f"{s}: {labels[T0 + s]}" for s in range(N)], fontsize=8)
+        ax.axvline(T0 - 0.5, color="k", lw=0.8)
+        ax.set_xlabel("position (prompt | generated)")
+        ax.set_ylabel("generated token")
+        ax.set_title(f"token relevance, row {row} ({self.strategy})")
+        fig.colorbar(im, ax=ax, fraction=0.03)
+        if path is not None:
+            fig.savefig(path, bbox_inches="tight")
+        return fig
+
+    def to_html(self, row: int = 0, step: Optional[int] = None, *, tokenizer: Any = None) -> str:
+        """HTML: for each generated token (or only ``step``), the text up to it with every earlier
+        token coloured by the relevance it gave that token (red positive, blue negative, opacity
+        |r| / max|r| of the step; the token itself is underlined; values on hover)."""
+        import html
+        from ._views import _css
+        r = self._net_relevance(row)
+        labels = self._labels(row, tokenizer)
+        T0, N = self.prompt_length, r.shape[0]
+        steps = range(N) if step is None else [range(N)[step]]
+        out = ['<div class="dlbjax-generation" style="font-family: sans-serif; line-height: 2.0;">']
+        for s in steps:
+            if not self.steps_valid[row, s]:
+                continue
+            vals = r[s, :T0 + s]
+            m = float(np.max(np.abs(vals))) if vals.size else 0.0
+            spans = [f'<span class="dlbjax-token" style="background-color: {_css(float(v), m)}; '
+                     f'padding: 1px 3px; margin: 0 1px; border-radius: 3px;" '
+                     f'title="{float(v):.6g}">{html.escape(t)}</span>'
+                     for t, v in zip(labels[:T0 + s], vals)]
+            spans.append(f'<u class="dlbjax-generated">{html.escape(labels[T0 + s])}</u>')
+            out.append(f'<div><span style="color: #555; font-size: 85%;">step {s}</span> '
+                       + " ".join(spans) + "</div>")
+        out.append("</div>")
+        return "\n".join(out)
+
+    def _repr_html_(self) -> str:
+        if self.token_relevance is None:
+            import html
+            return f"<pre>{html.escape(repr(self))}</pre>"
+        return self.to_html(step=-1)
+
     def __repr__(self) -> str:
         rel = None if self.token_relevance is None else (
             tuple(self.token_relevance.positive.shape) if isinstance(self.token_relevance, Streams)

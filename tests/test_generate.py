@@ -214,3 +214,19 @@ def test_causal_lm_explains_without_a_use_cache_flag(llama):
     with torch.no_grad():
         ref = llama(**p, use_cache=False).logits.numpy()
     np.testing.assert_allclose(e.prediction, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_generation_pictures(greedy, tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    fig = greedy.plot(row=1, path=tmp_path / "gen.png")
+    assert (tmp_path / "gen.png").stat().st_size > 1000
+    np.testing.assert_array_equal(np.asarray(fig.axes[0].images[0].get_array()),
+                                  greedy.token_relevance[1])
+    html = greedy.to_html(row=0, step=2)
+    T0 = greedy.prompt_length
+    assert html.count('class="dlbjax-token"') == T0 + 2  # the tokens before step 2's token
+    assert f'<u class="dlbjax-generated">{greedy.sequences[0, T0 + 2]}</u>' in html
+    top = int(np.argmax(greedy.token_relevance[0, 2]))
+    assert 'rgba(' in html and "1.000)" in html.split('class="dlbjax-token"')[top + 1]
+    assert greedy._repr_html_().count("step ") == 1
