@@ -357,6 +357,22 @@ def _decoder(program, explained, consts, names, *, T0, N, strategy, temperature,
     return jax.jit(run)
 
 
+class _TokenIdsOnly(torch.nn.Module):
+    """A causal LM whose forward takes only the token ids (``forward(ids)``, returning logits or an
+    object with ``.logits``), given the ``attention_mask`` argument that generation drives. The
+    model never reads the mask: being causal, later positions cannot change earlier logits. The
+    mask only tells the next-token seed which position to explain (the last unmasked one). The
+    user's module is held, not changed."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        out = self.model(input_ids)
+        return getattr(out, "logits", out)
+
+
 # ------------------------------------------------------------------------------------------------
 # public entry point
 # ------------------------------------------------------------------------------------------------
@@ -391,6 +407,14 @@ def generate(model: torch.nn.Module, inputs: Any, *, max_new_tokens: int = 16,
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         params = {}
+    takes_kwargs = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if params and "attention_mask" not in params and not takes_kwargs:
+        if not np.all(mask == 1):
+            raise InputMismatchError(
+                f"{type(model).__name__}.forward takes no attention_mask, so prompts cannot be "
+                "padded: pass prompts of one length (or one prompt at a time)")
+        model = _TokenIdsOnly(model)
+        params = inspect.signature(model.forward).parameters
     example = {"input_ids": torch.full((1, L), pad, dtype=torch.long),
                "attention_mask": torch.ones((1, L), dtype=torch.long)}
     if "position_ids" in params:

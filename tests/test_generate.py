@@ -230,3 +230,38 @@ def test_generation_pictures(greedy, tmp_path):
     top = int(np.argmax(greedy.token_relevance[0, 2]))
     assert 'rgba(' in html and "1.000)" in html.split('class="dlbjax-token"')[top + 1]
     assert greedy._repr_html_().count("step ") == 1
+
+
+class TinyCausal(torch.nn.Module):
+    """A plain torch causal LM: forward(ids) -> logits, no attention mask argument."""
+
+    def __init__(self, vocab=40, dim=16):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, dim)
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.head = torch.nn.Linear(dim, vocab)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        q, k, v = self.qkv(h).chunk(3, dim=-1)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.head(torch.relu(h + a))
+
+
+def test_a_plain_torch_causal_model_without_attention_mask():
+    torch.manual_seed(0)
+    model = TinyCausal().eval()
+    ids = torch.tensor([[3, 7, 1, 9]])
+    out = dlbjax.generate(model, ids, max_new_tokens=4, eos_token_id=[])
+    seq = ids.clone()
+    with torch.no_grad():  # greedy by hand in torch
+        for _ in range(4):
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    np.testing.assert_array_equal(out.sequences, seq.numpy())
+    for s in range(4):
+        assert np.all(out.token_relevance[0, s, 4 + s:] == 0)
+        ref = dlbjax.explain(model, seq[:, :4 + s], task="next-token", target=seq[:, 4 + s].numpy())
+        np.testing.assert_allclose(out.token_relevance[0, s, :4 + s], ref.relevance["ids"][0],
+                                   rtol=1e-4, atol=1e-5)
+    with pytest.raises(dlbjax.InputMismatchError, match="attention_mask"):
+        dlbjax.generate(model, {"input_ids": ids, "attention_mask": torch.tensor([[0, 1, 1, 1]])})
