@@ -69,6 +69,7 @@ class Generation:
     that each step chose from (before temperature and filtering). ``step_logprobs`` [batch,
     new_tokens]: log-probability of the chosen token under the distribution it was drawn from.
     ``steps_valid`` [batch, new_tokens]: False for the padding steps after an end token.
+    ``steps_explained`` [new_tokens]: which steps have token relevance (``explain_steps``).
     ``explanation``: the underlying :class:`~dlbjax.Explanation` (rows ordered batch-major, one per
     (row, step)), with its conservation report. ``compilations``: how many times the decoding loop
     and the relevance pass were traced (each is 1 per call).
@@ -84,6 +85,7 @@ class Generation:
     token_relevance: Any = None
     explanation: Optional[Explanation] = None
     compilations: dict = field(default_factory=dict)
+    steps_explained: Optional[np.ndarray] = None
 
     @property
     def predictions(self) -> np.ndarray:
@@ -382,7 +384,7 @@ def generate(model: torch.nn.Module, inputs: Any, *, max_new_tokens: int = 16,
              explain: bool = True, mode: str = "default", multiplier: float = 100.0,
              eos_token_id: Any = None, pad_token_id: Optional[int] = None,
              length_penalty: float = 1.0, batch_size: int = 32, progress: bool = False,
-             **explainer_options) -> Generation:
+             explain_steps: Any = None, **explainer_options) -> Generation:
     """Generate text with a Hugging Face (or any) causal LM and explain every generated token.
 
     ``inputs``: ``input_ids`` [batch, prompt_length] (a tensor or array) or a dict/BatchEncoding
@@ -391,9 +393,11 @@ def generate(model: torch.nn.Module, inputs: Any, *, max_new_tokens: int = 16,
     (``temperature``, ``top_k``, ``top_p``; reproducible from ``seed``) or ``"beam"``
     (``num_beams``, default 4). ``explain``: compute ``token_relevance`` (one batched relevance
     pass over all steps; ``batch_size`` rows per compiled call). ``mode``/``multiplier`` and other
-    keyword options go to the :class:`~dlbjax.Explainer`. The model is not modified; its forward
-    must return logits [batch, length, vocab] (as ``*ForCausalLM`` models do). The end token and the
-    padding token default to the model's generation config. See the module docstring for how each
+    keyword options go to the :class:`~dlbjax.Explainer`. ``explain_steps``: the step indices to
+    explain (default all; the others' rows of ``token_relevance`` are 0, see ``steps_explained``).
+    The model is not modified; its forward must return logits [batch, length, vocab] (as
+    ``*ForCausalLM`` models do). The end token and the padding token default to the model's
+    generation config. See the module docstring for how each
     strategy is computed. Returns a :class:`Generation`.
     """
     num_beams = _check(strategy, max_new_tokens, temperature, top_k, top_p, num_beams)
@@ -456,38 +460,48 @@ def generate(model: torch.nn.Module, inputs: Any, *, max_new_tokens: int = 16,
                         steps_valid=np.asarray(valid), strategy=strategy,
                         compilations=counter)
     if explain:
-        _explain_steps(result, explainer, mask, batch_size, progress, names, pad)
+        steps = None
+        if explain_steps is not None:
+            steps = sorted({int(i) for i in np.asarray(explain_steps, np.int64).reshape(-1)})
+            if not steps or steps[0] < 0 or steps[-1] >= N:
+                raise ValueError(f"explain_steps must be step indices in 0..{N - 1}, got "
+                                 f"{explain_steps!r}")
+        _explain_steps(result, explainer, mask, batch_size, progress, names, pad, steps)
     return result
 
 
 def _explain_steps(result: Generation, explainer: Explainer, prompt_mask, batch_size, progress,
-                   names, pad) -> None:
-    """One batched relevance pass over every (row, step): rows ordered batch-major."""
+                   names, pad, steps=None) -> None:
+    """One batched relevance pass over every (row, explained step): rows ordered batch-major."""
     seqs, T0 = result.sequences, result.prompt_length
     B, L = seqs.shape
     N = L - T0
-    rows_ids = np.repeat(seqs, N, axis=0)  # [B*N, L]
-    step = np.tile(np.arange(N), B)
+    chosen = np.arange(N) if steps is None else np.asarray(steps, np.int64)
+    S = len(chosen)
+    result.steps_explained = np.isin(np.arange(N), chosen)
+    rows_ids = np.repeat(seqs, S, axis=0)  # [B*S, L]
+    step = np.tile(chosen, B)
     cut = T0 + step - 1  # the position whose logits chose the step's token
     keep = np.arange(L)[None, :] <= cut[:, None]
     full_mask = np.concatenate([prompt_mask, np.ones((B, N), np.int64)], axis=1)
-    rows_mask = np.repeat(full_mask, N, axis=0) * keep
+    rows_mask = np.repeat(full_mask, S, axis=0) * keep
     rows_ids = np.where(keep, rows_ids, pad)  # never seen: masked and after the position
-    targets = seqs[np.repeat(np.arange(B), N), T0 + step]
+    targets = seqs[np.repeat(np.arange(B), S), T0 + step]
     data = {"input_ids": rows_ids, "attention_mask": rows_mask}
     if "position_ids" in names:
         data["position_ids"] = _positions(rows_mask)
     before = explainer.trace_count
     exp = explainer.batch(data, target=targets.astype(np.int64),
-                          batch_size=max(1, min(int(batch_size), B * N)), progress=progress)
+                          batch_size=max(1, min(int(batch_size), B * S)), progress=progress)
     result.compilations["explain"] = explainer.trace_count - before
     rel = exp.relevance["input_ids"]
-    valid = result.steps_valid.reshape(-1)[:, None]
+    valid = result.steps_valid[:, chosen].reshape(-1)[:, None]
 
     def shape(a):
-        return (np.asarray(a) * valid).reshape(B, N, L)
+        full = np.zeros((B, N, L), np.asarray(a).dtype)
+        full[:, chosen] = (np.asarray(a) * valid).reshape(B, S, L)
+        return full
 
     result.token_relevance = Streams(shape(rel.positive), shape(rel.negative)) \
         if isinstance(rel, Streams) else shape(rel)
     result.explanation = exp
-

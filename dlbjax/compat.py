@@ -559,10 +559,11 @@ class DLBAutoSampler:
         if pad_token_id is None and getattr(tok, "pad_token_id", None) is not None:
             pad_token_id = tok.pad_token_id
         opts = dict(getattr(self.dlb, "_options", {}))
+        wanted = self._steps(explain_tokens, int(max_new_tokens))  # only these are computed
         g = _generate(self.model, inputs, max_new_tokens=int(max_new_tokens), strategy=strategy,
-                      seed=seed, explain=explain_tokens != "none", mode=mode,
+                      seed=seed, explain=bool(wanted), mode=mode,
                       multiplier=multiplier, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                      **knobs, **opts)
+                      explain_steps=wanted or None, **knobs, **opts)
         generated = torch.from_numpy(np.asarray(g.sequences, np.int64))
         if not return_info:
             return generated

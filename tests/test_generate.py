@@ -265,3 +265,15 @@ def test_a_plain_torch_causal_model_without_attention_mask():
                                    rtol=1e-4, atol=1e-5)
     with pytest.raises(dlbjax.InputMismatchError, match="attention_mask"):
         dlbjax.generate(model, {"input_ids": ids, "attention_mask": torch.tensor([[0, 1, 1, 1]])})
+
+
+def test_explaining_only_some_steps(llama, greedy):
+    part = dlbjax.generate(llama, prompt(), max_new_tokens=6, eos_token_id=[], explain_steps=[1, 4])
+    np.testing.assert_array_equal(part.sequences, greedy.sequences)
+    np.testing.assert_array_equal(part.steps_explained, [False, True, False, False, True, False])
+    assert part.explanation.relevance["input_ids"].shape[0] == 2 * 2
+    np.testing.assert_allclose(part.token_relevance[:, [1, 4]], greedy.token_relevance[:, [1, 4]],
+                               rtol=1e-5, atol=1e-6)
+    assert np.all(part.token_relevance[:, [0, 2, 3, 5]] == 0)
+    with pytest.raises(ValueError, match="explain_steps"):
+        dlbjax.generate(llama, prompt(), max_new_tokens=2, explain_steps=[2])
