@@ -14,7 +14,7 @@ from ._errors import (DLBJaxError, DtypeError, ExportError, InputMismatchError, 
 from ._explain import Conservation, Explainer, Explanation, explain
 from ._cache import enable_compilation_cache
 from ._dataset import load_results
-from ._generate import Generation, generate
+from ._generate import Generation, Generator, generate
 from ._save import load_explanation
 from ._views import NoLayersError, plot, plot_experts, plot_graph, to_html
 from .rules import Streams
@@ -24,5 +24,5 @@ __version__ = "0.1.0"
 __all__ = ["explain", "Explainer", "Explanation", "Conservation", "Streams", "DLBJaxError",
            "UnsupportedOperationError", "UnsupportedOp", "InputMismatchError", "ExportError",
            "InvalidProgramError", "TargetError", "NonFiniteError", "DtypeError", "load_results",
-           "enable_compilation_cache", "generate", "Generation", "__version__",
+           "enable_compilation_cache", "generate", "Generator", "Generation", "__version__",
            "plot", "plot_graph", "plot_experts", "to_html", "load_explanation", "NoLayersError"]

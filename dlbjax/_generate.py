@@ -52,7 +52,7 @@ from ._interpret import evaluate
 from ._lowering import jnp_dtype
 from .rules import Streams
 
-__all__ = ["generate", "Generation", "STRATEGIES"]
+__all__ = ["generate", "Generator", "Generation", "STRATEGIES"]
 
 STRATEGIES = ("greedy", "sample", "beam")
 
@@ -378,6 +378,129 @@ class _TokenIdsOnly(torch.nn.Module):
 # ------------------------------------------------------------------------------------------------
 # public entry point
 # ------------------------------------------------------------------------------------------------
+class Generator:
+    """Import and compile a causal LM once for generation with token relevance; call it on many
+    prompts.
+
+    ``prompt_length``: the prompt length the buffer is built for; shorter prompts are padded on the
+    left with their attention mask (models whose forward takes ``position_ids``, as Hugging Face
+    decoders do; others need prompts of exactly this length). ``max_new_tokens``: steps per call.
+    The decoding loop compiles once per strategy setting and batch size; the relevance pass once
+    for all calls (every call explains chunks of exactly ``batch_size`` rows, padded). Other
+    options as for :func:`generate`; ``trace_counts`` says how many compilations happened.
+    """
+
+    def __init__(self, model: torch.nn.Module, prompt_length: int, max_new_tokens: int = 16, *,
+                 mode: str = "default", multiplier: float = 100.0, eos_token_id: Any = None,
+                 pad_token_id: Optional[int] = None, batch_size: int = 32,
+                 _pad_rows: bool = True, **explainer_options):
+        _check("greedy", max_new_tokens, 1.0, None, None, None)
+        if not isinstance(prompt_length, (int, np.integer)) or prompt_length < 1:
+            raise ValueError(f"prompt_length must be a positive int, not {prompt_length!r}")
+        self.prompt_length, self.max_new_tokens = int(prompt_length), int(max_new_tokens)
+        self.batch_size, self._pad_rows = max(1, int(batch_size)), _pad_rows
+        L = self.prompt_length + self.max_new_tokens
+        self.eos, self.pad = _special(model, eos_token_id, pad_token_id)
+        try:
+            params = inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            params = {}
+        takes_kwargs = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
+        self.ids_only = bool(params) and "attention_mask" not in params and not takes_kwargs
+        if self.ids_only:
+            model = _TokenIdsOnly(model)
+            params = inspect.signature(model.forward).parameters
+        self.left_pads = "position_ids" in params
+        example = {"input_ids": torch.full((1, L), self.pad, dtype=torch.long),
+                   "attention_mask": torch.ones((1, L), dtype=torch.long)}
+        if "position_ids" in params:
+            example["position_ids"] = torch.arange(L)[None]
+        if "use_cache" in params:
+            example["use_cache"] = False
+        self.explainer = Explainer(model, example, task="next-token", mode=mode,
+                                   multiplier=multiplier, **explainer_options)
+        program = self.explainer.program
+        self._names = [v.name for v in program.inputs]
+        unknown = [n for n in self._names
+                   if n not in ("input_ids", "attention_mask", "position_ids")]
+        if unknown:
+            raise InputMismatchError(f"generate can drive a forward taking input_ids, attention_mask "
+                                     f"and position_ids; this one also needs {unknown}")
+        out_var = program.outputs[self.explainer.explained]
+        if len(out_var.shape) != 3 or out_var.shape[1] != L:
+            raise InputMismatchError(f"generate needs logits [batch, length, vocab] from the model; "
+                                     f"its output has shape {out_var.shape}")
+        V = out_var.shape[-1]
+        bad = [t for t in self.eos + [self.pad] if not 0 <= t < V]
+        if bad:
+            raise InputMismatchError(f"end/padding token ids {bad} are outside the vocabulary "
+                                     f"(size {V})")
+        self._decoders: dict = {}
+        self._counter = {"generate": 0}
+
+    @property
+    def trace_counts(self) -> dict:
+        """Compilations so far: the decoding loops and the relevance pass."""
+        return {"generate": self._counter["generate"], "explain": self.explainer.trace_count}
+
+    def _buffer(self, inputs):
+        ids, mask = _prompt(inputs)
+        B, T = ids.shape
+        T0 = self.prompt_length
+        if self.ids_only and not np.all(mask == 1):
+            raise InputMismatchError(
+                "the model's forward takes no attention_mask, so prompts cannot be padded: pass "
+                "prompts of one length (or one prompt at a time)")
+        if T > T0 or (T < T0 and not self.left_pads):
+            how = "" if T > T0 else (" (this model takes no position_ids, so shorter prompts "
+                                     "cannot be padded without moving their positions)")
+            raise InputMismatchError(f"the prompts have length {T}; this Generator was built for "
+                                     f"prompt_length={T0}{how}")
+        L = T0 + self.max_new_tokens
+        buf_ids = np.full((B, L), self.pad, np.int64)
+        buf_mask = np.zeros((B, L), np.int64)
+        buf_ids[:, T0 - T:T0] = ids
+        buf_mask[:, T0 - T:T0] = mask
+        return buf_ids, buf_mask
+
+    def __call__(self, inputs: Any, *, strategy: str = "greedy", temperature: float = 1.0,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None,
+                 num_beams: Optional[int] = None, seed: int = 0, explain: bool = True,
+                 explain_steps: Any = None, length_penalty: float = 1.0,
+                 progress: bool = False) -> Generation:
+        """Generate from ``inputs`` and (with ``explain``) explain the generated tokens; see
+        :func:`generate`."""
+        num_beams = _check(strategy, self.max_new_tokens, temperature, top_k, top_p, num_beams)
+        buf_ids, buf_mask = self._buffer(inputs)
+        T0, N = self.prompt_length, self.max_new_tokens
+        key = (strategy, float(temperature), top_k, top_p, num_beams, float(length_penalty))
+        if key not in self._decoders:
+            self._decoders[key] = _decoder(
+                self.explainer.program, self.explainer.explained, self.explainer._consts,
+                self._names, T0=T0, N=N, strategy=strategy, temperature=float(temperature),
+                top_k=top_k, top_p=top_p, num_beams=num_beams, eos=self.eos, pad=self.pad,
+                length_penalty=float(length_penalty), counter=self._counter)
+        before = self._counter["generate"]
+        dt = jnp_dtype("int64")
+        seqs, logits, logp, valid = jax.device_get(self._decoders[key](
+            jnp.asarray(buf_ids, dt), jnp.asarray(buf_mask, dt), jax.random.PRNGKey(int(seed))))
+        seqs = np.asarray(seqs).astype(np.int64)
+        result = Generation(sequences=seqs, prompt_length=T0, new_tokens=seqs[:, T0:],
+                            step_logits=np.asarray(logits), step_logprobs=np.asarray(logp),
+                            steps_valid=np.asarray(valid), strategy=strategy,
+                            compilations={"generate": self._counter["generate"] - before})
+        if explain:
+            steps = None
+            if explain_steps is not None:
+                steps = sorted({int(i) for i in np.asarray(explain_steps, np.int64).reshape(-1)})
+                if not steps or steps[0] < 0 or steps[-1] >= N:
+                    raise ValueError(f"explain_steps must be step indices in 0..{N - 1}, got "
+                                     f"{explain_steps!r}")
+            _explain_steps(result, self.explainer, buf_mask[:, :T0], self.batch_size, progress,
+                           self._names, self.pad, steps, self._pad_rows)
+        return result
+
+
 def generate(model: torch.nn.Module, inputs: Any, *, max_new_tokens: int = 16,
              strategy: str = "greedy", temperature: float = 1.0, top_k: Optional[int] = None,
              top_p: Optional[float] = None, num_beams: Optional[int] = None, seed: int = 0,
@@ -397,81 +520,22 @@ def generate(model: torch.nn.Module, inputs: Any, *, max_new_tokens: int = 16,
     explain (default all; the others' rows of ``token_relevance`` are 0, see ``steps_explained``).
     The model is not modified; its forward must return logits [batch, length, vocab] (as
     ``*ForCausalLM`` models do). The end token and the padding token default to the model's
-    generation config. See the module docstring for how each
-    strategy is computed. Returns a :class:`Generation`.
+    generation config. See the module docstring for how each strategy is computed. Each call
+    imports and compiles the model afresh; to generate from many prompts use :class:`Generator`.
+    Returns a :class:`Generation`.
     """
-    num_beams = _check(strategy, max_new_tokens, temperature, top_k, top_p, num_beams)
-    ids, mask = _prompt(inputs)
-    B, T0 = ids.shape
-    N = int(max_new_tokens)
-    L = T0 + N
-    eos, pad = _special(model, eos_token_id, pad_token_id)
-
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        params = {}
-    takes_kwargs = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
-    if params and "attention_mask" not in params and not takes_kwargs:
-        if not np.all(mask == 1):
-            raise InputMismatchError(
-                f"{type(model).__name__}.forward takes no attention_mask, so prompts cannot be "
-                "padded: pass prompts of one length (or one prompt at a time)")
-        model = _TokenIdsOnly(model)
-        params = inspect.signature(model.forward).parameters
-    example = {"input_ids": torch.full((1, L), pad, dtype=torch.long),
-               "attention_mask": torch.ones((1, L), dtype=torch.long)}
-    if "position_ids" in params:
-        example["position_ids"] = torch.arange(L)[None]
-    if "use_cache" in params:
-        example["use_cache"] = False
-    explainer = Explainer(model, example, task="next-token", mode=mode, multiplier=multiplier,
-                          **explainer_options)
-    program = explainer.program
-    names = [v.name for v in program.inputs]
-    unknown = [n for n in names if n not in ("input_ids", "attention_mask", "position_ids")]
-    if unknown:
-        raise InputMismatchError(f"generate can drive a forward taking input_ids, attention_mask and "
-                                 f"position_ids; this one also needs {unknown}")
-    out_var = program.outputs[explainer.explained]
-    if len(out_var.shape) != 3 or out_var.shape[1] != L:
-        raise InputMismatchError(f"generate needs logits [batch, length, vocab] from the model; its "
-                                 f"output has shape {out_var.shape}")
-    V = out_var.shape[-1]
-    bad = [t for t in eos + [pad] if not 0 <= t < V]
-    if bad:
-        raise InputMismatchError(f"end/padding token ids {bad} are outside the vocabulary (size {V})")
-
-    counter = {"generate": 0}
-    run = _decoder(program, explainer.explained, explainer._consts, names, T0=T0, N=N,
-                   strategy=strategy, temperature=float(temperature), top_k=top_k, top_p=top_p,
-                   num_beams=num_beams, eos=eos, pad=pad, length_penalty=float(length_penalty),
-                   counter=counter)
-    buf_ids = np.full((B, L), pad, np.int64)
-    buf_ids[:, :T0] = ids
-    buf_mask = np.zeros((B, L), np.int64)
-    buf_mask[:, :T0] = mask
-    dt = jnp_dtype("int64")
-    seqs, logits, logp, valid = jax.device_get(run(jnp.asarray(buf_ids, dt), jnp.asarray(buf_mask, dt),
-                                                   jax.random.PRNGKey(int(seed))))
-    seqs = np.asarray(seqs).astype(np.int64)
-    result = Generation(sequences=seqs, prompt_length=T0, new_tokens=seqs[:, T0:],
-                        step_logits=np.asarray(logits), step_logprobs=np.asarray(logp),
-                        steps_valid=np.asarray(valid), strategy=strategy,
-                        compilations=counter)
-    if explain:
-        steps = None
-        if explain_steps is not None:
-            steps = sorted({int(i) for i in np.asarray(explain_steps, np.int64).reshape(-1)})
-            if not steps or steps[0] < 0 or steps[-1] >= N:
-                raise ValueError(f"explain_steps must be step indices in 0..{N - 1}, got "
-                                 f"{explain_steps!r}")
-        _explain_steps(result, explainer, mask, batch_size, progress, names, pad, steps)
-    return result
+    _check(strategy, max_new_tokens, temperature, top_k, top_p, num_beams)
+    ids, _ = _prompt(inputs)
+    gen = Generator(model, ids.shape[1], max_new_tokens, mode=mode, multiplier=multiplier,
+                    eos_token_id=eos_token_id, pad_token_id=pad_token_id, batch_size=batch_size,
+                    _pad_rows=False, **explainer_options)
+    return gen(inputs, strategy=strategy, temperature=temperature, top_k=top_k, top_p=top_p,
+               num_beams=num_beams, seed=seed, explain=explain, explain_steps=explain_steps,
+               length_penalty=length_penalty, progress=progress)
 
 
 def _explain_steps(result: Generation, explainer: Explainer, prompt_mask, batch_size, progress,
-                   names, pad, steps=None) -> None:
+                   names, pad, steps=None, pad_rows=False) -> None:
     """One batched relevance pass over every (row, explained step): rows ordered batch-major."""
     seqs, T0 = result.sequences, result.prompt_length
     B, L = seqs.shape
@@ -490,9 +554,16 @@ def _explain_steps(result: Generation, explainer: Explainer, prompt_mask, batch_
     data = {"input_ids": rows_ids, "attention_mask": rows_mask}
     if "position_ids" in names:
         data["position_ids"] = _positions(rows_mask)
+    n = B * S
+    extra = batch_size - n if pad_rows and n < batch_size else 0
+    if extra:  # every call explains chunks of batch_size rows: one compilation for all calls
+        data = {k: np.concatenate([v, np.repeat(v[-1:], extra, axis=0)]) for k, v in data.items()}
+        targets = np.concatenate([targets, np.repeat(targets[-1:], extra)])
     before = explainer.trace_count
     exp = explainer.batch(data, target=targets.astype(np.int64),
-                          batch_size=max(1, min(int(batch_size), B * S)), progress=progress)
+                          batch_size=max(1, min(int(batch_size), n + extra)), progress=progress)
+    if extra:
+        exp = _first_rows(exp, n)
     result.compilations["explain"] = explainer.trace_count - before
     rel = exp.relevance["input_ids"]
     valid = result.steps_valid[:, chosen].reshape(-1)[:, None]
@@ -505,3 +576,25 @@ def _explain_steps(result: Generation, explainer: Explainer, prompt_mask, batch_
     result.token_relevance = Streams(shape(rel.positive), shape(rel.negative)) \
         if isinstance(rel, Streams) else shape(rel)
     result.explanation = exp
+
+
+def _first_rows(e: Explanation, n: int) -> Explanation:
+    """The explanation of the first ``n`` rows (drops the padding rows)."""
+    import dataclasses
+
+    def cut(x):
+        if isinstance(x, Streams):
+            return Streams(*(cut(a) for a in x))
+        if isinstance(x, dict):
+            return {k: cut(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [cut(v) for v in x]
+        if isinstance(x, np.ndarray) and x.ndim >= 1:
+            return x[:n]
+        return x
+
+    c = e.conservation
+    return dataclasses.replace(
+        e, relevance=cut(e.relevance), prediction=cut(e.prediction), target=cut(e.target),
+        conservation=type(c)(cut(c.seed), cut(c.inputs), cut(c.bias), cut(c.lost)),
+        outputs=cut(e.outputs), layers=cut(e.layers), experts=cut(e.experts), inputs=cut(e.inputs))

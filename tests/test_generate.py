@@ -277,3 +277,26 @@ def test_explaining_only_some_steps(llama, greedy):
     assert np.all(part.token_relevance[:, [0, 2, 3, 5]] == 0)
     with pytest.raises(ValueError, match="explain_steps"):
         dlbjax.generate(llama, prompt(), max_new_tokens=2, explain_steps=[2])
+
+
+def test_generator_compiles_once_for_many_prompts(llama):
+    gen = dlbjax.Generator(llama, prompt_length=6, max_new_tokens=4, eos_token_id=[], batch_size=8)
+    first = gen(prompt(batch=1, length=6, seed=21))
+    short = prompt(batch=1, length=4, seed=22)  # left-padded inside the Generator
+    second = gen(short)
+    third = gen(prompt(batch=1, length=6, seed=23), strategy="sample", seed=3)
+    assert gen.trace_counts == {"generate": 2, "explain": 1}  # greedy and sampling loops
+    assert first.compilations == {"generate": 1, "explain": 1}
+    assert second.compilations == {"generate": 0, "explain": 0}
+    assert third.compilations == {"generate": 1, "explain": 0}
+    hf = llama.generate(**short, max_new_tokens=4, do_sample=False, eos_token_id=None,
+                        pad_token_id=0).numpy()
+    np.testing.assert_array_equal(second.sequences[:, 2:], hf)
+    assert np.all(second.token_relevance[:, :, :2] == 0)
+    # the same relevance as a one-off generate on the unpadded prompt
+    alone = dlbjax.generate(llama, short, max_new_tokens=4, eos_token_id=[])
+    np.testing.assert_allclose(second.token_relevance[:, :, 2:], alone.token_relevance,
+                               rtol=1e-4, atol=1e-5)
+    assert second.explanation.relevance["input_ids"].shape == (4, 10)  # padding rows dropped
+    with pytest.raises(dlbjax.InputMismatchError, match="prompt_length=6"):
+        gen(prompt(batch=1, length=7))
