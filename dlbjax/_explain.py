@@ -573,10 +573,17 @@ class Explainer:
         if self._bucketing is not None:
             return self._bucketing.run(data, target, "batch", batch_size=batch_size,
                                        progress=progress)
+        return self._batch(data, target, batch_size, progress)
+
+    def _batch(self, data, target, batch_size: int, progress: bool = False,
+               fixed: bool = False) -> Explanation:
+        """:meth:`batch` without buckets. ``fixed``: chunks of exactly ``batch_size`` rows even
+        when there are fewer rows (padded), so that calls with any row count share one
+        compilation; otherwise a smaller dataset is one chunk of its own size."""
         self._check_task()
         arrays, n = self._to_rows(data, dataset=True)
         classes, select = check_targets(self.task, target, n, self._out_size)
-        size = max(1, min(int(batch_size), n))
+        size = max(1, int(batch_size) if fixed else min(int(batch_size), n))
         # fixed-size chunks, sharded over the devices, halved on out-of-memory (dlbjax._parallel)
         raw = run_rows(self, arrays, classes, select, size=size, progress=progress)
         return self._explanation(raw, n, dataset=True, arrays=arrays)

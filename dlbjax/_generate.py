@@ -211,6 +211,10 @@ def _prompt(inputs) -> tuple[np.ndarray, np.ndarray]:
         if extra:
             raise InputMismatchError(f"generate takes input_ids and attention_mask; cannot extend "
                                      f"{extra} token by token")
+        types = d.get("token_type_ids")
+        if types is not None and np.any(np.asarray(types) != 0):
+            raise InputMismatchError("generate cannot extend non-zero token_type_ids token by "
+                                     "token; pass input_ids and attention_mask only")
         ids, mask = d["input_ids"], d.get("attention_mask")
     else:
         raise InputMismatchError(f"inputs must be input_ids or a dict/BatchEncoding with input_ids, "
@@ -554,16 +558,9 @@ def _explain_steps(result: Generation, explainer: Explainer, prompt_mask, batch_
     data = {"input_ids": rows_ids, "attention_mask": rows_mask}
     if "position_ids" in names:
         data["position_ids"] = _positions(rows_mask)
-    n = B * S
-    extra = batch_size - n if pad_rows and n < batch_size else 0
-    if extra:  # every call explains chunks of batch_size rows: one compilation for all calls
-        data = {k: np.concatenate([v, np.repeat(v[-1:], extra, axis=0)]) for k, v in data.items()}
-        targets = np.concatenate([targets, np.repeat(targets[-1:], extra)])
     before = explainer.trace_count
-    exp = explainer.batch(data, target=targets.astype(np.int64),
-                          batch_size=max(1, min(int(batch_size), n + extra)), progress=progress)
-    if extra:
-        exp = _first_rows(exp, n)
+    # pad_rows: chunks of exactly batch_size rows, so every call shares one compilation
+    exp = explainer._batch(data, targets.astype(np.int64), batch_size, progress, fixed=pad_rows)
     result.compilations["explain"] = explainer.trace_count - before
     rel = exp.relevance["input_ids"]
     valid = result.steps_valid[:, chosen].reshape(-1)[:, None]
@@ -577,24 +574,3 @@ def _explain_steps(result: Generation, explainer: Explainer, prompt_mask, batch_
         if isinstance(rel, Streams) else shape(rel)
     result.explanation = exp
 
-
-def _first_rows(e: Explanation, n: int) -> Explanation:
-    """The explanation of the first ``n`` rows (drops the padding rows)."""
-    import dataclasses
-
-    def cut(x):
-        if isinstance(x, Streams):
-            return Streams(*(cut(a) for a in x))
-        if isinstance(x, dict):
-            return {k: cut(v) for k, v in x.items()}
-        if isinstance(x, list):
-            return [cut(v) for v in x]
-        if isinstance(x, np.ndarray) and x.ndim >= 1:
-            return x[:n]
-        return x
-
-    c = e.conservation
-    return dataclasses.replace(
-        e, relevance=cut(e.relevance), prediction=cut(e.prediction), target=cut(e.target),
-        conservation=type(c)(cut(c.seed), cut(c.inputs), cut(c.bias), cut(c.lost)),
-        outputs=cut(e.outputs), layers=cut(e.layers), experts=cut(e.experts), inputs=cut(e.inputs))

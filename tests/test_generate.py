@@ -195,6 +195,8 @@ def test_bad_options_are_reported(llama):
         dlbjax.generate(llama, prompt(), max_new_tokens=0)
     with pytest.raises(dlbjax.InputMismatchError, match="input_ids"):
         dlbjax.generate(llama, {"attention_mask": torch.ones(1, 3)})
+    with pytest.raises(dlbjax.InputMismatchError, match="token_type_ids"):
+        dlbjax.generate(llama, {**prompt(), "token_type_ids": torch.ones(2, 5, dtype=torch.long)})
     with pytest.raises(dlbjax.InputMismatchError, match="all zeros"):
         dlbjax.generate(llama, {"input_ids": torch.ones(1, 3, dtype=torch.long),
                                 "attention_mask": torch.zeros(1, 3)})

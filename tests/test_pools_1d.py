@@ -236,3 +236,35 @@ def test_time_series_cnn_end_to_end():
               f"; inputs- {cc.inputs.negative.round(3)} of {cc.seed.negative.round(3)}")
         for s in (0, 1):
             np.testing.assert_allclose(cc.inputs[s] + cc.lost[s], cc.seed[s], rtol=1e-5)
+
+
+class GlobalMax(nn.Module):
+    """clamp, then amax over the last axis and max(dim) over the channels (global max pools)."""
+
+    def forward(self, x):
+        h = x.clamp(-1.5, 1.5)
+        return torch.cat([h.amax(dim=-1), h.max(dim=1).values], dim=1)
+
+
+def test_max_reductions_and_clamp_route_to_the_maxima():
+    """aten.amax / aten.max.dim: each output's relevance goes to its reduced axis' maxima, exact
+    ties (here also made by the clamp) split evenly (§4.2); clamp passes relevance unchanged
+    (§2.2 null entry), in both modes."""
+    rng = np.random.default_rng(7)
+    x = torch.from_numpy(rng.integers(-3, 4, size=(1, 3, 5)).astype(np.float64))
+    model = GlobalMax()
+    ops = _ops_have_rules(model, x)
+    assert {"aten.amax.default", "aten.max.dim", "aten.clamp.default"} <= set(ops)
+    h = np.clip(x.numpy()[0], -1.5, 1.5)  # [3, 5]
+    for mode, S in (("default", 1), ("contrastive", 2)):
+        seeds = [np.abs(rng.normal(size=(1, 8))) for _ in range(S)]
+        rels, _ = run(model, x, seeds, mode)
+        for s in range(S):
+            expected = np.zeros_like(h)
+            for c in range(3):  # amax over the last axis: outputs 0..2
+                win = h[c] == h[c].max()
+                expected[c, win] += seeds[s][0, c] / win.sum()
+            for t in range(5):  # max over the channels: outputs 3..7
+                win = h[:, t] == h[:, t].max()
+                expected[win, t] += seeds[s][0, 3 + t] / win.sum()
+            np.testing.assert_allclose(rels[s][0], expected, rtol=1e-12, atol=1e-12)
