@@ -35,10 +35,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import bert_base, machine_line, resnet18, token_inputs  # noqa: E402
 
 import dlbjax  # noqa: E402
-from dlbjax._interpret import evaluate  # noqa: E402
-from dlbjax._lowering import jnp_dtype  # noqa: E402
-from dlbjax._parallel import compiled_args  # noqa: E402
-from dlbjax._seed import check_targets  # noqa: E402
+from dlbjax.engine.interpret import evaluate  # noqa: E402
+from dlbjax._dtypes import jnp_dtype  # noqa: E402
 
 
 VARIANTS = {
@@ -49,14 +47,14 @@ VARIANTS = {
 
 
 def compiled_explain(ex, inp, variant):
-    arrays, n = ex._to_rows(inp)
-    classes, select = check_targets(ex.task, None, n, ex._out_size)
-    args = compiled_args(ex, arrays, classes, select)
+    arrays, n = ex.plan.rows(inp)
+    classes, select = ex.plan.task.check(None, n, ex.plan.out_size)
+    args = ex.runner.compiled_args(arrays, classes, select)
     if variant == "before":
-        args = (ex._consts,) + args[1:4] + ({}, None)
+        args = (ex.plan.consts,) + args[1:4] + ({}, None)
     elif variant == "mags":
-        args = (ex._consts,) + args[1:4] + (ex._mags, None)
-    c = ex._fn.lower(*args).compile()
+        args = (ex.plan.consts,) + args[1:4] + (ex.plan.mags, None)
+    c = ex.runner.fn.lower(*args).compile()
     return c, (lambda: c(*args))
 
 
@@ -124,7 +122,7 @@ def main():
     ex = dlbjax.Explainer(model, inp)
     comp = {k: compiled_explain(ex, inp, k) for k in VARIANTS}
     program, consts = ex.program, ex.constants
-    arrays, _ = ex._to_rows(inp)
+    arrays, _ = ex.plan.rows(inp)
     xs = [jnp.asarray(a[0], jnp_dtype(v.dtype)) for a, v in zip(arrays, program.inputs)]
     fwd = jax.jit(lambda c, *a: evaluate(program, c, list(a))[0]).lower(consts, *xs).compile()
     ff, fb = cost(fwd)

@@ -2,7 +2,7 @@
 LLaMA-shaped model (random weights, batch 1, float32), measured side by side in one run.
 
 Columns: the jitted JAX forward of the imported program, the compiled relevance pass alone
-(``explainer._run``: forward + seed + VJP, inputs already converted), ``explainer(x)`` end to end
+(``explainer.runner.call``: forward + seed + VJP, inputs already converted), ``explainer(x)`` end to end
 (input checks, host transfers, result assembly), torch's eager forward, XLA's FLOPs ratio of the
 two compiled functions, and the wall-clock ratio explain / forward. Run by hand:
 
@@ -24,10 +24,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import bert_base, interleaved, llama_like, machine_line, mlp, resnet18, token_inputs  # noqa: E402
 
 import dlbjax  # noqa: E402
-from dlbjax._interpret import evaluate  # noqa: E402
-from dlbjax._lowering import jnp_dtype  # noqa: E402
-from dlbjax._parallel import compiled_args  # noqa: E402
-from dlbjax._seed import check_targets  # noqa: E402
+from dlbjax.engine.interpret import evaluate  # noqa: E402
+from dlbjax._dtypes import jnp_dtype  # noqa: E402
 
 
 def flops(compiled) -> float:
@@ -41,8 +39,8 @@ def bench(name, model, inp, repeats):
     ex = dlbjax.Explainer(model, inp)
     t_import = time.perf_counter() - t0
     program, consts = ex.program, ex.constants
-    arrays, n = ex._to_rows(inp)
-    classes, select = check_targets(ex.task, None, n, ex._out_size)
+    arrays, n = ex.plan.rows(inp)
+    classes, select = ex.plan.task.check(None, n, ex.plan.out_size)
     xs = [jnp.asarray(a[0], jnp_dtype(v.dtype)) for a, v in zip(arrays, program.inputs)]
     fwd = jax.jit(lambda c, *a: evaluate(program, c, list(a))[0])
     t0 = time.perf_counter()
@@ -51,7 +49,7 @@ def bench(name, model, inp, repeats):
     t0 = time.perf_counter()
     ex(inp)
     t_ec = time.perf_counter() - t0
-    exp_c = ex._fn.lower(*compiled_args(ex, arrays, classes, select)).compile()
+    exp_c = ex.runner.fn.lower(*ex.runner.compiled_args(arrays, classes, select)).compile()
     kwargs = {k: v for k, v in inp.items()} if isinstance(inp, dict) else None
 
     def torch_fwd():
@@ -60,7 +58,7 @@ def bench(name, model, inp, repeats):
 
     med = interleaved({
         "fwd": lambda: fwd_c(consts, *xs),
-        "run": lambda: ex._run(arrays, classes, select),
+        "run": lambda: ex.runner.call(arrays, classes, select),
         "call": lambda: ex(inp).relevance,
         "torch": lambda: torch_fwd(),
     }, repeats)

@@ -38,9 +38,7 @@ def point(model_name: str, layers: int, seq: int, repeats: int) -> dict:
     from common import bert_base, llama_like, token_inputs
 
     import dlbjax
-    from dlbjax._interpret import evaluate
-    from dlbjax._parallel import compiled_args
-    from dlbjax._seed import check_targets
+    from dlbjax.engine.interpret import evaluate
 
     llama = model_name == "llama"
     model = llama_like(layers) if llama else bert_base(layers)
@@ -50,15 +48,15 @@ def point(model_name: str, layers: int, seq: int, repeats: int) -> dict:
     t_import = time.perf_counter() - t0
     rss_model = _rss_gib()
     program, consts = ex.program, ex.constants
-    arrays, n = ex._to_rows(inp)
-    classes, select = check_targets(ex.task, None, n, ex._out_size)
+    arrays, n = ex.plan.rows(inp)
+    classes, select = ex.plan.task.check(None, n, ex.plan.out_size)
     xs = [jnp.asarray(a[0], jnp.int32) for a in arrays]
     fwd = jax.jit(lambda c, *a: evaluate(program, c, list(a))[0]).lower(consts, *xs).compile()
     jax.block_until_ready(fwd(consts, *xs))
     rss_fwd = _rss_gib()
-    args = compiled_args(ex, arrays, classes, select)
+    args = ex.runner.compiled_args(arrays, classes, select)
     t0 = time.perf_counter()
-    exp = ex._fn.lower(*args).compile()
+    exp = ex.runner.fn.lower(*args).compile()
     t_compile = time.perf_counter() - t0
     jax.block_until_ready(exp(*args))
     rss_exp = _rss_gib()

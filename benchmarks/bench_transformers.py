@@ -22,7 +22,7 @@ import torch
 import transformers as tf
 
 import dlbjax
-from dlbjax._interpret import evaluate
+from dlbjax.engine.interpret import evaluate
 
 
 def bert_base(layers):
@@ -67,7 +67,7 @@ def bench(name, model, seq, repeats):
     ex(inp)
     t_explain_compile = time.perf_counter() - t0
     t_fwd = median_time(lambda: fwd(consts, *arrays), repeats)
-    t_explain = median_time(lambda: ex._run(*_prepared(ex, inp)), repeats)
+    t_explain = median_time(lambda: ex.runner.call(*_prepared(ex, inp)), repeats)
     with torch.no_grad():
         t_torch = median_time(lambda: model(**inp).logits, repeats)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -77,9 +77,8 @@ def bench(name, model, seq, repeats):
 
 
 def _prepared(ex, inp):
-    from dlbjax._seed import check_targets
-    arrays, n = ex._to_rows(inp)
-    classes, select = check_targets(ex.task, None, n, ex._out_size)
+    arrays, n = ex.plan.rows(inp)
+    classes, select = ex.plan.task.check(None, n, ex.plan.out_size)
     return arrays, classes, select
 
 

@@ -4,25 +4,31 @@
 >>> e = dlbjax.explain(model, x)              # relevance at every input, prediction, conservation
 >>> explainer = dlbjax.Explainer(model, x)    # import and compile once
 >>> explainer.batch(dataset)                  # a whole dataset with jax.vmap
+>>> e.plot(); e.to_html(); e.save("e.npz"); dlbjax.Explanation.load("e.npz")
 
 The algorithm is the DLBacktrace rule set (arXiv 2411.12643) in default and contrastive mode as
-restated in the project's specification; see README.md for the supported models and operators.
+restated in the project's specification; see README.md for the supported models and operators
+and ARCHITECTURE.md for where each stage lives.
 """
 
-from ._errors import (DLBJaxError, DtypeError, ExportError, InputMismatchError, InvalidProgramError,
+from ._errors import (DLBJaxError, DtypeError, DuplicateRegistrationError, ExportError,
+                      InputMismatchError, InvalidProgramError, NoExpertsError, NoLayersError,
                       NonFiniteError, TargetError, UnsupportedOp, UnsupportedOperationError)
-from ._explain import Conservation, Explainer, Explanation, explain
+from ._types import Streams
+from ._result import Conservation, Explanation, load_explanation
+from ._explain import Explainer, explain
 from ._cache import enable_compilation_cache
 from ._dataset import load_results
 from ._generate import Generation, Generator, generate
-from ._save import load_explanation
-from ._views import NoLayersError, plot, plot_experts, plot_graph, to_html
-from .rules import Streams
+from ._version import __version__
+# function forms of Explanation's methods (e.plot(), e.plot_graph(), e.plot_experts(),
+# e.to_html(), Explanation.load): kept importable, not part of __all__
+from ._views import plot, plot_experts, plot_graph, to_html
 
-__version__ = "0.1.0"
-
-__all__ = ["explain", "Explainer", "Explanation", "Conservation", "Streams", "DLBJaxError",
-           "UnsupportedOperationError", "UnsupportedOp", "InputMismatchError", "ExportError",
-           "InvalidProgramError", "TargetError", "NonFiniteError", "DtypeError", "load_results",
-           "enable_compilation_cache", "generate", "Generator", "Generation", "__version__",
-           "plot", "plot_graph", "plot_experts", "to_html", "load_explanation", "NoLayersError"]
+__all__ = [
+    "explain", "Explainer", "Explanation", "Conservation", "Streams",
+    "generate", "Generator", "Generation", "load_results", "enable_compilation_cache",
+    "DLBJaxError", "UnsupportedOperationError", "UnsupportedOp", "InputMismatchError",
+    "ExportError", "InvalidProgramError", "TargetError", "NonFiniteError", "DtypeError",
+    "NoLayersError", "NoExpertsError", "DuplicateRegistrationError", "__version__",
+]

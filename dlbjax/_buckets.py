@@ -11,7 +11,7 @@ stripped back to length T. Each bucket is exported and compiled once, on first u
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -75,6 +75,10 @@ class Bucketing:
                 out[n] = torch.cat([t, extra], dim=1)
         return out
 
+    def first(self):
+        """The Explainer of the example's own bucket (built now: the example is checked once)."""
+        return self.explainer(self.bucket_for(self.kwargs_template[self.seq_names[0]].shape[1]))
+
     def explainer(self, bucket: int):
         if bucket not in self.inner:
             example = {k: (v[:1] if isinstance(v, torch.Tensor) else v)
@@ -93,11 +97,12 @@ class Bucketing:
             raise InputMismatchError(f"token inputs have different lengths {sorted(lengths)}")
         return bound.kwargs, lengths.pop()
 
-    def run(self, inputs, target, method: str, **kw):
+    def run(self, inputs, target, explain: Callable):
+        """``explain(bucket_explainer, padded_inputs, target)`` on the inputs' bucket, stripped
+        back to the inputs' length."""
         kwargs, length = self._split(inputs)
         bucket = self.bucket_for(length)
-        ex = self.explainer(bucket)
-        e = getattr(ex, method)(self.pad(kwargs, length, bucket), target=target, **kw)
+        e = explain(self.explainer(bucket), self.pad(kwargs, length, bucket), target)
         return self.strip(e, length, bucket)
 
     def strip(self, e, length: int, bucket: int):

@@ -26,8 +26,10 @@ from typing import Any, Callable, Iterable, Optional
 import numpy as np
 import torch
 
-from ._seed import check_targets
-from .rules import Streams
+from ._assemble import explain_rows
+from ._errors import InputMismatchError, TargetError
+from ._result import Conservation, Explanation
+from ._types import Streams
 
 __all__ = ["explain_dataset", "load_results"]
 
@@ -56,7 +58,6 @@ def _rows_of(data) -> int:
     values = dict(data).values() if not isinstance(data, (tuple, list)) else data
     sizes = {int(v.shape[0]) for v in values if _is_array(v) and v.ndim > 0}
     if len(sizes) != 1:
-        from ._errors import InputMismatchError
         raise InputMismatchError(f"dataset inputs have different numbers of rows {sorted(sizes)}")
     return sizes.pop()
 
@@ -136,7 +137,6 @@ def _flatten(e) -> dict[tuple, np.ndarray]:
 
 
 def _unflatten(fields: dict[tuple, np.ndarray], meta: dict):
-    from ._explain import Conservation, Explanation
 
     def get(prefix):
         if prefix in fields:
@@ -169,8 +169,8 @@ def _config(ex) -> dict:
         "mode": ex.mode, "task": ex.task, "multiplier": ex.multiplier,
         "options": repr(ex.options), "layers": bool(ex.layers), "explained": ex.explained,
         "batch_axis": ex.batch_axis,
-        "inputs": [[n, list(s), d] for n, s, d in ex._row_specs],
-        "compute_dtype": getattr(ex, "compute_dtype", None),
+        "inputs": [[n, list(s), d] for n, s, d in ex.plan.row_specs],
+        "compute_dtype": ex.compute_dtype,
         "buckets": list(ex.buckets),
     }
 
@@ -239,12 +239,11 @@ def explain_dataset(ex, data: Any, batch_size: int = 64, out: Any = None, target
     if shard_rows is None:
         shard_rows = batch_size * max(1, -(-1024 // batch_size))
     shard_rows = max(1, int(shard_rows))
-    ex._check_task()
+    ex.plan.check_task()
 
     arrays_given = _is_inputs(data)
     total = _rows_of(data) if arrays_given else None
     if target is not None and np.ndim(target) > 0 and total is not None and len(target) != total:
-        from ._errors import TargetError
         raise TargetError(f"target has {len(target)} entries; the dataset has {total} rows")
     config = _config(ex)
     manifest = None if overwrite else _read_manifest(out)
@@ -313,17 +312,13 @@ def _explain_chunk(ex, chunk, start: int, target, batch_size: int):
     if target is not None and np.ndim(target) > 0:
         t = np.asarray(target)[start:start + n]
         if len(t) != n:
-            from ._errors import TargetError
             raise TargetError(f"target has no entries for rows {start}..{start + n - 1}")
     else:
         t = target
-    if ex._bucketing is not None:
+    if ex.runner is None:  # length buckets: one inner Explainer per bucket
         return ex.batch(chunk, target=t, batch_size=batch_size)
-    from ._parallel import run_rows
-    arrays, n = ex._to_rows(chunk, dataset=True)
-    classes, select = check_targets(ex.task, t, n, ex._out_size)
-    raw = run_rows(ex, arrays, classes, select, size=batch_size)
-    return ex._explanation(raw, n, dataset=True)
+    return explain_rows(ex.plan, ex.runner, chunk, t, dataset=True, size=batch_size, fixed=True,
+                        keep_inputs=False)
 
 
 # ------------------------------------------------------------------------------------------------

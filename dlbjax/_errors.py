@@ -70,3 +70,16 @@ class DtypeError(DLBJaxError, TypeError):
     """A model dlbjax cannot explain faithfully at its dtype: float64 while JAX's 64-bit mode is
     off (it would silently run in float32), or only integer inputs and no embedding lookup (no
     input could carry relevance)."""
+
+
+class NoLayersError(DLBJaxError, ValueError):
+    """The explanation holds no per-layer relevance (it was not made with ``layers=True``)."""
+
+
+class NoExpertsError(DLBJaxError, ValueError):
+    """The explanation holds no mixture-of-experts relevance (``explanation.experts`` is None)."""
+
+
+class DuplicateRegistrationError(DLBJaxError, ValueError):
+    """A second lowering for an operator, or a second rule for an (operator, method) pair: each
+    has exactly one, so a registration never silently replaces another."""

@@ -37,6 +37,7 @@ How it works (one compilation for the whole generation, one for the whole explan
 
 from __future__ import annotations
 
+import html
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -46,11 +47,14 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from ._assemble import explain_rows
+from ._dtypes import jnp_dtype
 from ._errors import InputMismatchError
-from ._explain import Explainer, Explanation
-from ._interpret import evaluate
-from ._lowering import jnp_dtype
-from .rules import Streams
+from ._explain import Explainer
+from ._result import Explanation
+from ._types import Streams
+from ._views import _css
+from .engine.interpret import evaluate
 
 __all__ = ["generate", "Generator", "Generation", "STRATEGIES"]
 
@@ -137,8 +141,6 @@ class Generation:
         """HTML: for each generated token (or only ``step``), the text up to it with every earlier
         token coloured by the relevance it gave that token (red positive, blue negative, opacity
         |r| / max|r| of the step; the token itself is underlined; values on hover)."""
-        import html
-        from ._views import _css
         r = self._net_relevance(row)
         labels = self._labels(row, tokenizer)
         T0, N = self.prompt_length, r.shape[0]
@@ -161,7 +163,6 @@ class Generation:
 
     def _repr_html_(self) -> str:
         if self.token_relevance is None:
-            import html
             return f"<pre>{html.escape(repr(self))}</pre>"
         return self.to_html(step=-1)
 
@@ -480,7 +481,7 @@ class Generator:
         key = (strategy, float(temperature), top_k, top_p, num_beams, float(length_penalty))
         if key not in self._decoders:
             self._decoders[key] = _decoder(
-                self.explainer.program, self.explainer.explained, self.explainer._consts,
+                self.explainer.program, self.explainer.explained, self.explainer.constants,
                 self._names, T0=T0, N=N, strategy=strategy, temperature=float(temperature),
                 top_k=top_k, top_p=top_p, num_beams=num_beams, eos=self.eos, pad=self.pad,
                 length_penalty=float(length_penalty), counter=self._counter)
@@ -560,7 +561,8 @@ def _explain_steps(result: Generation, explainer: Explainer, prompt_mask, batch_
         data["position_ids"] = _positions(rows_mask)
     before = explainer.trace_count
     # pad_rows: chunks of exactly batch_size rows, so every call shares one compilation
-    exp = explainer._batch(data, targets.astype(np.int64), batch_size, progress, fixed=pad_rows)
+    exp = explain_rows(explainer.plan, explainer.runner, data, targets.astype(np.int64),
+                       dataset=True, size=batch_size, fixed=pad_rows, progress=progress)
     result.compilations["explain"] = explainer.trace_count - before
     rel = exp.relevance["input_ids"]
     valid = result.steps_valid[:, chosen].reshape(-1)[:, None]

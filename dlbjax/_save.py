@@ -1,6 +1,8 @@
 """Saving one :class:`~dlbjax.Explanation` to a single ``.npz`` file and loading it back.
 
-Layout of the file (``np.savez_compressed``, read with ``allow_pickle=False``)::
+Saving reads the fields of an Explanation; loading returns them (:func:`read_fields`) and the
+class builds itself (:meth:`dlbjax.Explanation.load`). Layout of the file
+(``np.savez_compressed``, read with ``allow_pickle=False``)::
 
     relevance/<input>                  an input's relevance (default mode)
     relevance/<input>/positive         ... and /negative: a Streams pair (contrastive mode)
@@ -24,13 +26,15 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import fields
 from typing import Any
 
 import numpy as np
 
-from .rules import Streams
+from ._types import Streams
+from ._version import __version__
 
-__all__ = ["save_explanation", "load_explanation", "explanations_equal", "FORMAT", "VERSION"]
+__all__ = ["save_explanation", "read_fields", "explanations_equal", "FORMAT", "VERSION"]
 
 FORMAT = "dlbjax-explanation"
 VERSION = 1
@@ -39,11 +43,7 @@ _STREAMS = ("positive", "negative")
 
 
 def _version() -> str:
-    try:
-        from . import __version__
-        return str(__version__)
-    except ImportError:  # pragma: no cover - during a partial import
-        return "unknown"
+    return str(__version__)
 
 
 def _array(value: Any, where: str) -> np.ndarray:
@@ -129,13 +129,10 @@ def save_explanation(explanation, path) -> str:
     return path
 
 
-def load_explanation(path):
-    """Read an Explanation written by :meth:`Explanation.save` (no pickle: ``allow_pickle=False``).
-
-    Streams pairs come back as :class:`dlbjax.Streams`, conservation as
-    :class:`dlbjax.Conservation`; the result equals the saved explanation (``==``)."""
-    from ._explain import Conservation, Explanation
-
+def read_fields(path) -> dict:
+    """The fields of an Explanation written by :func:`save_explanation`, as keyword arguments of
+    ``Explanation`` (``conservation`` as the tuple (seed, inputs, bias, lost)); no pickle:
+    ``allow_pickle=False``. :meth:`dlbjax.Explanation.load` builds the object from them."""
     path = os.fspath(path)
     if not os.path.exists(path) and os.path.exists(path + ".npz"):
         path += ".npz"
@@ -177,10 +174,10 @@ def load_explanation(path):
     flow = meta.get("flow")
     if flow is not None:
         flow = {"order": list(flow["order"]), "edges": [tuple(x) for x in flow["edges"]]}
-    return Explanation(
+    return dict(
         relevance=group("relevance"), prediction=group("prediction").get(None),
         target=group("target").get(None),
-        conservation=Conservation(*(cons.get(f) for f in ("seed", "inputs", "bias", "lost"))),
+        conservation=tuple(cons.get(f) for f in ("seed", "inputs", "bias", "lost")),
         mode=meta["mode"], task=meta["task"], multiplier=meta["multiplier"],
         outputs=group("outputs") if has.get("outputs", True) else None,
         layers=group("layers") if has.get("layers") else None,
@@ -214,7 +211,6 @@ def _equal(a: Any, b: Any) -> bool:
 def explanations_equal(a, b) -> bool:
     """Field-by-field exact equality of two Explanations (arrays: same shape, dtype and values;
     NaNs equal; Streams only equal Streams)."""
-    from dataclasses import fields
     if type(a) is not type(b):
         return False
     for f in fields(a):

@@ -48,7 +48,8 @@ import numpy as np
 import optax
 import torch
 
-from ._interpret import constants_to_jax, evaluate
+from .engine.interpret import constants_to_jax, evaluate
+from .importers import import_model
 
 __all__ = ["fit"]
 
@@ -78,7 +79,6 @@ def fit(model: torch.nn.Module, X: Any, y: Any, *, epochs: int = 10, lr: float =
     runs (through dlbjax's JAX forward) and its limitations (BatchNorm statistics are not updated,
     dropout is inactive).
     """
-    from .importers import import_model  # local: keeps ``import dlbjax`` light for this module
 
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")

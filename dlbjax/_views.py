@@ -24,23 +24,14 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ._errors import DLBJaxError
-from .rules import Streams
+from ._errors import NoExpertsError, NoLayersError
+from ._types import Streams
 
-__all__ = ["plot", "plot_experts", "plot_graph", "to_html", "relevance_graph", "layer_flow",
-           "NoLayersError"]
+__all__ = ["plot", "plot_experts", "plot_graph", "to_html", "relevance_graph", "layer_flow"]
 
 _KINDS = ("image", "tokens", "tabular")
 _CONTRASTIVE = ("difference", "both", "positive", "negative")
 _RED, _BLUE = (0.84, 0.10, 0.11), (0.13, 0.40, 0.75)  # positive / negative relevance
-
-
-class NoLayersError(DLBJaxError, ValueError):
-    """The explanation holds no per-layer relevance (it was not made with ``layers=True``)."""
-
-
-class NoExpertsError(DLBJaxError, ValueError):
-    """The explanation holds no mixture-of-experts relevance (``explanation.experts`` is None)."""
 
 
 # ------------------------------------------------------------------------------------------------

@@ -39,12 +39,17 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from ._assemble import assemble
+from ._dtypes import jnp_dtype
 from ._errors import InputMismatchError, TargetError
-from ._explain import Explainer, Explanation
-from ._interpret import call_lowering, substitute
-from ._lowering import jnp_dtype
-from ._seed import resolve_task
-from .rules import Streams
+from ._explain import Explainer
+from ._generate import generate as _generate
+from ._result import Explanation
+from ._tasks import resolve_task
+from ._types import Streams
+from ._views import plot_graph
+from .ir import substitute
+from .lowerings import call_lowering
 
 __all__ = ["DLBacktrace", "DLBAutoSampler"]
 
@@ -125,7 +130,7 @@ class DLBacktrace:
             base = next(iter(self._explainers.values()))
             try:
                 task = resolve_task(task, tuple(base.program.outputs[base.explained].shape), 0,
-                                    type(self.model).__name__)
+                                    type(self.model).__name__).name
             except TargetError:
                 pass  # the Explainer raises it with its own message
         if str(mode).lower() == "contrast":
@@ -146,7 +151,7 @@ class DLBacktrace:
             return dict(inputs[0])
         if len(inputs) == 1 and isinstance(inputs[0], (tuple, list)):
             inputs = tuple(inputs[0])
-        specs = {name: shape for name, shape, _ in self._base._row_specs}
+        specs = {name: shape for name, shape, _ in self._base.plan.row_specs}
         out = []
         for name, x in zip(self.input_names, inputs):
             if isinstance(x, torch.Tensor):
@@ -166,7 +171,7 @@ class DLBacktrace:
             def row(inputs):
                 env = dict(zip(program.inputs, inputs))
                 for c in program.constants:
-                    env[c] = self._base._consts[c.name]
+                    env[c] = self._base.plan.consts[c.name]
                 for eqn in program.eqns:
                     outs = call_lowering(eqn, substitute(eqn.args, env),
                                          substitute(eqn.kwargs, env))
@@ -198,7 +203,7 @@ class DLBacktrace:
         replay it never swallows an error (defect B12). ``temperature`` never affects relevance.
         """
         given = self._as_inputs(inputs)
-        arrays, n = self._base._to_rows(given)
+        arrays, n = self._base.plan.rows(given)
         program = self._base.program
         arrays = tuple(jnp.asarray(a, jnp_dtype(v.dtype)) for a, v in zip(arrays, program.inputs))
         values = jax.device_get(self._layer_forward()(arrays))
@@ -287,7 +292,7 @@ class DLBacktrace:
         return self.all_wt
 
     def _explain_with_seed(self, ex: Explainer, start_wt) -> Explanation:
-        arrays, n = ex._to_rows(self._inputs)
+        arrays, n = ex.plan.rows(self._inputs)
         out_shape = tuple(ex.program.outputs[ex.explained].shape)
         contrastive = ex.options.contrastive
         streams = tuple(start_wt) if contrastive else (start_wt,)
@@ -310,8 +315,8 @@ class DLBacktrace:
         prog = ex.program
         arrays = tuple(jnp.asarray(a, jnp_dtype(v.dtype)) for a, v in zip(arrays, prog.inputs))
         raw = jax.jit(jax.vmap(lambda a, s: f(consts, a, s)))(arrays, tuple(seeds))
-        raw["target"] = jnp.full((n,), -1, jnp.int32)
-        return ex._explanation(raw, n)
+        raw = raw._replace(target=jnp.full((n,), -1, jnp.int32))
+        return assemble(ex.plan, jax.device_get(raw), n)
 
     def _all_wt(self, ex: Explainer, e: Explanation) -> dict:
         out_name = ex.program.outputs[ex.explained].name
@@ -439,7 +444,6 @@ class DLBacktrace:
         """Draw the captured graph with its relevance (``dlbjax.plot_graph``, every node) to
         ``save_path``. Runs ``predict`` + ``evaluation`` on ``input_for_graph`` first if nothing
         was explained yet (the original draws the bare graph)."""
-        from ._views import plot_graph
         e = self._need_explanation()
         return plot_graph(e, top_k=None, path=str(save_path), program=self._explained_by)
 
@@ -454,7 +458,6 @@ class DLBacktrace:
         has no suffix; the original writes graphviz SVG and shows it through IPython).
         ``relevance_threshold`` and ``engine_auto_threshold`` are accepted and ignored (the first
         is unused in the original too)."""
-        from ._views import plot_graph
         path = Path(output_path)
         if not path.suffix:
             path = path.with_suffix(".png")
@@ -549,8 +552,6 @@ class DLBAutoSampler:
         if ignored:
             raise TypeError(f"dlbjax's sampler does not support {sorted(ignored)} (Hugging Face "
                             "logits processors and stopping rules are not reproduced)")
-        from . import generate as _generate  # lazily: dlbjax._generate
-
         inputs = self._prompt(prompt if input_ids is None else input_ids, attention_mask)
         strategy, knobs = self._strategy(strategy, temperature, top_k, top_p, num_beams)
         tok = self.tokenizer

@@ -19,7 +19,7 @@ import numpy as np
 
 from ._errors import InvalidProgramError
 
-__all__ = ["Var", "Source", "Eqn", "Program", "DTYPES", "iter_vars"]
+__all__ = ["Var", "Source", "Eqn", "Program", "DTYPES", "iter_vars", "substitute"]
 
 # Canonical dtype names (numpy spelling, plus bfloat16) and their short forms for printing.
 DTYPES = {
@@ -86,6 +86,19 @@ def iter_vars(obj: Any) -> Iterator[Var]:
     elif isinstance(obj, Mapping):
         for item in obj.values():
             yield from iter_vars(item)
+
+
+def substitute(obj: Any, env: Mapping[Var, Any]) -> Any:
+    """Replace every Var inside a nested argument structure by its value in ``env``."""
+    if isinstance(obj, Var):
+        return env[obj]
+    if isinstance(obj, list):
+        return [substitute(o, env) for o in obj]
+    if isinstance(obj, tuple):
+        return tuple(substitute(o, env) for o in obj)
+    if isinstance(obj, Mapping):
+        return {k: substitute(v, env) for k, v in obj.items()}
+    return obj
 
 
 def _fmt_literal(value: Any) -> str:

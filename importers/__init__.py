@@ -13,11 +13,12 @@ from typing import Any
 import torch
 
 from ._bind import BoundInputs, bind_inputs
-from ._export import KEEP_WHOLE, decomposition_table, eval_copy, export_model
+from ._export import KEEP_WHOLE, decomposition_table, eval_copy, export_model, static_experts_copy
 from ._translate import tensor_to_numpy, torch_dtype_name, translate
 
 __all__ = ["import_model", "import_bound", "bind_inputs", "BoundInputs", "export_model", "translate",
-           "decomposition_table", "KEEP_WHOLE", "eval_copy", "tensor_to_numpy", "torch_dtype_name"]
+           "decomposition_table", "KEEP_WHOLE", "eval_copy", "tensor_to_numpy", "torch_dtype_name",
+           "static_experts_copy"]
 
 
 def import_model(model: torch.nn.Module, inputs: Any):

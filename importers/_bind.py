@@ -12,9 +12,9 @@ import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
-from .._errors import InputMismatchError
+from dlbjax._errors import InputMismatchError
 
-__all__ = ["BoundInputs", "bind_inputs"]
+__all__ = ["BoundInputs", "bind_inputs", "path_name"]
 
 
 @dataclass
@@ -33,13 +33,16 @@ def _as_torch(x: Any) -> Any:
     return x
 
 
-def _path_name(path: tuple) -> str:
+def path_name(path: tuple) -> str:
+    """A pytree key path as a dotted name (``("input_ids",)`` -> ``input_ids``, ``x.0.y``)."""
     parts = []
     for k in path:
         for attr in ("key", "idx", "name"):
             if hasattr(k, attr):
                 parts.append(str(getattr(k, attr)))
                 break
+        else:
+            parts.append(str(k))
     return ".".join(parts)
 
 
@@ -87,9 +90,9 @@ def bind_inputs(model: torch.nn.Module, inputs: Any) -> BoundInputs:
         if path[0].idx == 0:  # positional
             i = path[1].idx
             base = positional[i] if i < len(positional) else f"arg{i}"
-            rest = _path_name(path[2:])
+            rest = path_name(path[2:])
         else:
-            base, rest = _path_name(path[1:2]), _path_name(path[2:])
+            base, rest = path_name(path[1:2]), path_name(path[2:])
         names.append(f"{base}.{rest}" if rest else base)
         tensors.append(leaf)
     if not tensors:

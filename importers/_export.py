@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 
-from .._errors import ExportError
+from dlbjax._errors import ExportError
+from dlbjax.lowerings import keep_whole_ops
 
-__all__ = ["KEEP_WHOLE", "decomposition_table", "export_model", "eval_copy"]
+__all__ = ["KEEP_WHOLE", "decomposition_table", "export_model", "eval_copy", "static_experts_copy"]
 
 
 def _ops(*names: str) -> list:
@@ -33,23 +34,9 @@ def _ops(*names: str) -> list:
     return out
 
 
-# Layer-level operators kept out of the decomposition so that one rule sees the whole layer.
-KEEP_WHOLE = _ops(
-    "aten.linear.default", "aten.matmul.default",
-    "aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default",
-    "aten.conv1d.padding", "aten.conv2d.padding", "aten.conv3d.padding",
-    "aten.conv_transpose1d.default", "aten.conv_transpose2d.input", "aten.conv_transpose3d.input",
-    "aten.max_pool1d.default", "aten.max_pool2d.default", "aten.max_pool3d.default",
-    "aten.adaptive_avg_pool1d.default", "aten.adaptive_avg_pool2d.default",
-    "aten.adaptive_max_pool1d.default",
-    "aten.layer_norm.default", "aten.group_norm.default", "aten.rms_norm.default",
-    "aten.softmax.int", "aten.log_softmax.int",
-    "aten.relu6.default", "aten.hardtanh.default", "aten.silu.default", "aten.hardswish.default",
-    "aten.hardsigmoid.default", "aten.mish.default", "aten.elu.default", "aten.selu.default",
-    "aten.softplus.default", "aten.leaky_relu.default", "aten.celu.default", "aten.log_sigmoid.default",
-    "aten.scaled_dot_product_attention.default",
-    "aten.lstm.input", "aten.gru.input",
-)
+# Layer-level operators kept out of the decomposition so that one rule sees the whole layer: the
+# lowerings registered with keep_whole=True (dlbjax/lowerings/<family>.py).
+KEEP_WHOLE = _ops(*keep_whole_ops())
 
 
 def decomposition_table() -> dict:
@@ -126,3 +113,24 @@ def _restore_environ(before: dict) -> None:
     for key, value in before.items():
         if os.environ.get(key) != value:
             os.environ[key] = value
+
+
+def static_experts_copy(model):
+    """A copy of a Hugging Face MoE model that uses the static ``batched_mm`` experts (or the
+    model itself when it already does or has no such switch)."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "set_experts_implementation"):
+        return model
+    current = getattr(config, "_experts_implementation", None)
+    if current == "batched_mm":
+        return model
+    if not any("Experts" in type(m).__name__ for m in model.modules()):
+        return model
+    clone = copy.deepcopy(model)
+    try:
+        clone.set_experts_implementation("batched_mm")
+    except Exception as exc:  # the model cannot switch: keep its own implementation
+        raise ExportError(
+            f"{type(model).__name__} could not switch to the static 'batched_mm' experts "
+            f"implementation ({exc}); dlbjax needs an MoE graph without data-dependent shapes") from exc
+    return clone

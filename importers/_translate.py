@@ -7,10 +7,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.utils._pytree as pytree
 from torch.export.graph_signature import InputKind, OutputKind
 
-from .._errors import ExportError
-from ..ir import DTYPES, Eqn, Program, Source, Var
+from dlbjax._errors import ExportError
+from dlbjax.ir import DTYPES, Eqn, Program, Source, Var
+
+from ._bind import path_name
 
 __all__ = ["translate", "torch_dtype_name", "tensor_to_numpy"]
 
@@ -83,24 +86,11 @@ def _var_from_meta(name: str, val: Any, node: torch.fx.Node) -> Var:
     return Var(name, tuple(shape), torch_dtype_name(val.dtype))
 
 
-def _key_name(path: tuple) -> str:
-    parts = []
-    for k in path:
-        for attr in ("key", "idx", "name"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return ".".join(parts)
-
-
 def _output_names(ep, n: int) -> list[str]:
-    import torch.utils._pytree as pytree
     try:
         tree = pytree.tree_unflatten(list(range(n)), ep.call_spec.out_spec)
         leaves = pytree.tree_flatten_with_path(tree)[0]
-        names = [_key_name(p) or "output" for p, _ in leaves]
+        names = [path_name(p) or "output" for p, _ in leaves]
         if len(names) == n and len(set(names)) == n:
             return names
     except Exception:

@@ -25,7 +25,14 @@ import jax.numpy as jnp
 from ._registry import GateSpec, Streams
 
 __all__ = ["safe_div", "gates", "default_coeffs", "contrastive_coeffs", "unit_rule",
-           "linear_operator_rule", "unbroadcast", "relu"]
+           "linear_operator_rule", "unbroadcast", "relu", "map_streams"]
+
+
+def map_streams(fn, *Rs):
+    """``fn`` applied to one relevance map, or to each stream of Streams pairs alike."""
+    if isinstance(Rs[0], Streams):
+        return Streams(*(fn(*rs) for rs in zip(*Rs)))
+    return fn(*Rs)
 
 
 def relu(x):

@@ -1,4 +1,4 @@
-"""The rule registry: one relevance rule per ATen operator, for default and contrastive mode.
+"""The rule registry: relevance rules keyed by (operator, method), DLBacktrace's as the default.
 
 A rule is a pure JAX function ``rule(ctx, R, *args, **kwargs)``:
 
@@ -9,33 +9,35 @@ A rule is a pure JAX function ``rule(ctx, R, *args, **kwargs)``:
   output (``None`` for outputs that carry no relevance);
 * it returns one entry per positional argument: ``None`` where nothing flows back, the relevance
   (an array, or a Streams pair) for a relevance-carrying argument, and a list for a list argument
-  (``cat``). Relevance kept by a bias or a constant addend is reported with ``ctx.absorb``.
+  (``cat``). A rule whose bias or constant addend keeps relevance returns
+  ``RuleResult(per_argument, absorbed)`` instead, ``absorbed`` being the kept total (a scalar;
+  in contrastive mode a Streams pair of scalars, or None).
 
 ``ctx.carries`` mirrors ``args`` with booleans saying which arguments carry relevance (spec §9.1),
 ``ctx.gate`` is the activation entry gating an affine op (§2.2, §8.1), ``ctx.outputs`` holds the
 recorded outputs, ``ctx.info`` static facts from the graph analysis (``{"attention": i}`` when
-operand i of a product is a softmax output). The engine wraps every rule in a ``jax.custom_vjp`` whose forward is the op's
-lowering, so the whole relevance pass is one VJP of the model's forward.
+operand i of a product is a softmax output). The engine wraps every rule in a ``jax.custom_vjp``
+whose forward is the op's lowering, so the whole relevance pass is one VJP of the model's forward.
+
+Methods: ``"dlb"`` (the DLBacktrace rules of the specification) is the default and must cover
+every relevance-carrying op. Another method registers rules for the ops it changes; every other op
+keeps its DLB rule (:func:`get_rule`). ``Options.method`` picks the method for a whole pass.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple, Optional
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
-import jax.numpy as jnp
+from dlbjax._errors import DuplicateRegistrationError
+from dlbjax._types import Streams
 
-__all__ = ["Rule", "RULES", "register", "get_rule", "Streams", "RuleContext", "GateSpec",
-           "PER_STREAM", "Options", "carried"]
+__all__ = ["Rule", "RULES", "RULE_TABLE", "register", "get_rule", "methods", "Streams",
+           "RuleContext", "RuleResult", "GateSpec", "PER_STREAM", "Options", "carried", "DLB"]
 
-
-class Streams(NamedTuple):
-    """The two non-negative relevance maps of contrastive mode (spec §3.1)."""
-
-    positive: Any
-    negative: Any
-
-
+DLB = "dlb"  # the default method: DLBacktrace's rules (the specification)
 PER_STREAM = "per-stream"  # contrastive rule = the default rule applied to each stream (linear rules)
 
 
@@ -59,13 +61,14 @@ class Options:
     product_rule: str = "half"
     phi: float = 0.5  # attention value fraction (spec §4.9 step 2, §9.8)
     router_relevance: bool = False  # MoE routing weights carry relevance (issue: MoE)
+    method: str = DLB  # which registered rules to use (see the module docstring)
 
     @property
     def contrastive(self) -> bool:
         return self.mode == "contrastive"
 
 
-@dataclass
+@dataclass(frozen=True)
 class RuleContext:
     carries: tuple
     outputs: tuple
@@ -73,17 +76,12 @@ class RuleContext:
     options: Options
     op: str
     where: str
-    absorbed: list = field(default_factory=list)
     info: dict = field(default_factory=dict)  # static facts from the analysis (e.g. attention)
     magnitudes: dict = field(default_factory=dict)  # arg position -> precomputed |constant arg|
 
     @property
     def out(self):
         return self.outputs[0]
-
-    def absorb(self, amount) -> None:
-        """Record relevance kept by a bias or constant (an array or a Streams pair of arrays)."""
-        self.absorbed.append(amount)
 
     def carrying(self, i: int) -> bool:
         return carried(self.carries[i]) if i < len(self.carries) else False
@@ -93,9 +91,16 @@ class RuleContext:
         return self.magnitudes.get(i)
 
 
+class RuleResult(NamedTuple):
+    """What a rule that keeps relevance returns: the per-argument relevance and the kept total."""
+
+    relevance: tuple
+    absorbed: Any = None
+
+
 @dataclass(frozen=True)
 class Rule:
-    """How relevance crosses one operator.
+    """How relevance crosses one operator under one method.
 
     ``default``/``contrastive``: the rule functions (``contrastive=PER_STREAM`` reuses the default
     rule on each stream, valid for rules that are linear in R). ``affine``: the op is a Linear/Conv
@@ -104,9 +109,11 @@ class Rule:
     ``(args, kwargs, options) -> GateSpec | None`` giving the table entry they supply to their
     producer. ``outputs``: indices of outputs that carry relevance (others are constants, e.g. the
     mean/rstd of layer_norm). ``check``: ``(carries) -> reason | None`` rejects argument patterns the
-    rule does not cover.
+    rule does not cover. ``family``: the ``rules/<family>.py`` module that registered it.
     """
 
+    op: str
+    method: str
     default: Callable
     contrastive: Any = PER_STREAM
     affine: bool = False
@@ -115,19 +122,48 @@ class Rule:
     outputs: Optional[tuple] = None
     check: Optional[Callable] = None
     section: str = ""
+    family: str = ""
 
 
-RULES: dict[str, Rule] = {}
+_TABLE: dict[tuple[str, str], Rule] = {}
+RULE_TABLE: Mapping[tuple[str, str], Rule] = MappingProxyType(_TABLE)
+
+
+class _DefaultRules(Mapping):
+    """Read-only view ``op -> Rule`` of the default (DLB) method."""
+
+    def __getitem__(self, op: str) -> Rule:
+        return _TABLE[(op, DLB)]
+
+    def __iter__(self):
+        return (op for op, m in _TABLE if m == DLB)
+
+    def __len__(self) -> int:
+        return sum(1 for _, m in _TABLE if m == DLB)
+
+
+RULES: Mapping[str, Rule] = _DefaultRules()
 
 
 def register(*ops: str, default: Callable, contrastive: Any = PER_STREAM, affine: bool = False,
              route: bool = False, gate: Optional[Callable] = None, outputs: Optional[tuple] = None,
-             check: Optional[Callable] = None, section: str = "") -> Rule:
-    """Register ``default`` (and ``contrastive``) as the relevance rule of the given ATen ops."""
-    rule = Rule(default, contrastive, affine, route, gate, outputs, check, section)
+             check: Optional[Callable] = None, section: str = "", method: str = DLB) -> tuple:
+    """Register ``default`` (and ``contrastive``) as the ``method`` rule of the given ATen ops.
+
+    Each (op, method) pair has one rule: registering it again raises DuplicateRegistrationError.
+    Returns the registered Rule records."""
+    family = sys._getframe(1).f_globals.get("__name__", "").rsplit(".", 1)[-1]  # the caller
+    out = []
     for op in ops:
-        RULES[op] = rule
-    return rule
+        if (op, method) in _TABLE:
+            raise DuplicateRegistrationError(
+                f"{op} already has a {method!r} rule (from rules/{_TABLE[(op, method)].family}.py); "
+                "register another method instead of replacing it")
+        rule = Rule(op, method, default, contrastive, affine, route, gate, outputs, check, section,
+                    family)
+        _TABLE[(op, method)] = rule
+        out.append(rule)
+    return tuple(out)
 
 
 def carried(c) -> bool:
@@ -135,10 +171,12 @@ def carried(c) -> bool:
     return any(carried(x) for x in c) if isinstance(c, (list, tuple)) else bool(c)
 
 
-def get_rule(op: str) -> Optional[Rule]:
-    return RULES.get(op)
+def get_rule(op: str, method: str = DLB) -> Optional[Rule]:
+    """The ``method`` rule of ``op``, or its DLB rule when the method does not override it."""
+    return _TABLE.get((op, method)) or _TABLE.get((op, DLB))
 
 
-def zeros_like_streams(x, contrastive: bool):
-    z = jnp.zeros_like(x)
-    return Streams(z, z) if contrastive else z
+def methods() -> tuple:
+    """Every registered method name (``"dlb"`` first)."""
+    names = sorted({m for _, m in _TABLE} - {DLB})
+    return (DLB,) + tuple(names)

@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from .._lowering import HIGHEST, conv_nd, conv_transpose_nd
+from dlbjax.lowerings import HIGHEST
+from dlbjax.lowerings.affine import conv_nd, conv_transpose_nd
+
 from ._math import linear_operator_rule
-from ._registry import Streams, carried, register
+from ._registry import RuleResult, Streams, carried, register
 from .attention import bilinear_shares
 
 __all__ = []
@@ -55,11 +57,9 @@ def _run(ctx, R, nargs, pos, lin, x, w, b, wpos=None):
     aw = None if wpos is None else ctx.magnitude(wpos)
     rel, kept = linear_operator_rule(lin, x, w, b, R, ctx.options.contrastive, ctx.gate, y=ctx.out,
                                      aw=aw)
-    if kept is not None:
-        ctx.absorb(jnp.sum(kept))
     out = [None] * nargs
     out[pos] = rel
-    return tuple(out)
+    return RuleResult(tuple(out), None if kept is None else jnp.sum(kept))
 
 
 def _only_first(carries):

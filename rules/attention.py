@@ -30,10 +30,11 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from .._attention import sdpa_parts
-from .._lowering import HIGHEST
+from dlbjax.lowerings import HIGHEST
+from dlbjax.lowerings.attention import sdpa_parts
+
 from ._math import safe_div, unbroadcast
-from ._registry import Streams, register
+from ._registry import RuleResult, Streams, register
 
 __all__ = ["bilinear_shares", "sdpa_relevance"]
 
@@ -100,19 +101,19 @@ def _sdpa(ctx, R, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fa
           scale=None, enable_gqa=False):
     contrastive = ctx.options.contrastive
     streams = R if contrastive else (R,)
-    results = []
+    results, kept = [], None
     for r in streams:
         q, k, v, absorbed = sdpa_relevance(r, query, key, value, attn_mask, is_causal, scale,
                                            enable_gqa, ctx.options.phi, contrastive)
         results.append((q, k, v))
         if not contrastive:
-            ctx.absorb(absorbed)
+            kept = absorbed
     if contrastive:
         (q1, k1, v1), (q2, k2, v2) = results
         q, k, v = Streams(q1, q2), Streams(k1, k2), Streams(v1, v2)
     else:
         q, k, v = results[0]
-    return tuple(r if ctx.carrying(i) else None for i, r in enumerate((q, k, v)))
+    return RuleResult(tuple(r if ctx.carrying(i) else None for i, r in enumerate((q, k, v))), kept)
 
 
 register("aten.scaled_dot_product_attention.default", default=_sdpa, contrastive=_sdpa,

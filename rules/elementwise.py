@@ -1,6 +1,6 @@
 """Element-wise rules: add/sub (spec §4.4), products with constants and between activations
-(§4.7, §4.8, §9.5), activations (identity plus their gating entry, §2.2, §8.1, §9.6) and
-normalisation / dropout / softmax identities (§4.8, §8.10, §9.4).
+(§4.7, §4.8, §9.5) and activations, softmax and negation (identity plus their gating entry, §2.2,
+§8.1, §9.6). Norms and dropout are in ``norm.py``, fused modules in ``fused.py``.
 """
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 
 from ._math import relu, safe_div, unbroadcast, unit_rule
-from ._registry import GateSpec, Streams, register
+from ._registry import GateSpec, RuleResult, Streams, register
 
-__all__ = ["GATES", "EXPERIMENTAL_GATES", "identity"]
+__all__ = ["GATES", "EXPERIMENTAL_GATES", "identity", "product_shares", "gate_shares"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -48,9 +48,8 @@ def _add(ctx, R, *args, **kwargs):
         rd = safe_div(R, P + N)
         for p, z in zip(carry_pos, zs):
             result[p] = unbroadcast(rd * jnp.abs(z), jnp.shape(args[p]))
-        if consts:
-            ctx.absorb(jnp.sum(rd * sum(jnp.abs(c) for c in consts)))
-        return tuple(result)
+        kept = jnp.sum(rd * sum(jnp.abs(c) for c in consts)) if consts else None
+        return RuleResult(tuple(result), kept)
     b = sum(consts) if consts else None
     rels, _ = unit_rule(zs, b, R, True)
     for p, r in zip(carry_pos, rels):
@@ -89,6 +88,19 @@ def product_shares(a, b, R, rule: str):
                          "MLP, attention, a division by an activation), where no factor is a gate. "
                          "Use product_rule='half' or 'dlb'.")
     raise ValueError(f"unknown product rule {rule!r} (use 'half' or 'dlb')")
+
+
+def gate_shares(gate, signal, R, rule: str):
+    """Product y = gate ⊙ signal (§4.7, §10 R4): (R_gate, R_signal), each stream split alike.
+
+    ``"signal_take_all"``: (0, R); ``"half"``/``"dlb"``: :func:`rules.elementwise.product_shares`
+    with the gate as first factor."""
+    if isinstance(R, Streams):
+        (gp, sp), (gn, sn) = (gate_shares(gate, signal, r, rule) for r in R)
+        return Streams(gp, gn), Streams(sp, sn)
+    if rule == "signal_take_all":
+        return jnp.zeros_like(R), R
+    return product_shares(gate, signal, R, rule)
 
 
 def _mul(ctx, R, self, other):
@@ -184,26 +196,6 @@ def _gelu_gate(args, kwargs, options):
     return EXPERIMENTAL_GATES["gelu_tanh" if kwargs.get("approximate") == "tanh" else "gelu"]
 
 
-def _fused_identity(ctx, R, *args, body):
-    """A fused written-out activation or norm module (``dlbjax._fuse``) is one element-wise op:
-    identity from its output to its single non-constant input (§4.8, §9.4, §9.6)."""
-    return tuple(R if ctx.carrying(i) else None for i in range(len(args)))
-
-
-def _fused_gate(args, kwargs, options):
-    key = kwargs["body"].gate
-    return EXPERIMENTAL_GATES[key] if key and options.experimental_gating else None
-
-
-def _fused_check(carries):
-    if sum(1 for c in carries if c) != 1:
-        return "a fused module with several relevance-carrying inputs is not element-wise"
-    return None
-
-
-register("dlbjax.fused", default=_fused_identity, gate=_fused_gate, check=_fused_check,
-         section="§4.8, §9.4, §9.6")
-
 _SECTION = "§2.2, §4.8, §8.1"
 register("aten.relu.default", default=identity, gate=_gate("relu"), section=_SECTION)
 register("aten.tanh.default", default=identity, gate=_gate("tanh"), section=_SECTION)
@@ -222,8 +214,3 @@ register("aten.leaky_relu.default", "aten.elu.default", "aten.selu.default", "at
          "aten.softplus.default", "aten.mish.default", "aten.hardswish.default",
          "aten.log_sigmoid.default", "aten.log_softmax.int", "aten._log_softmax.default",
          "aten.neg.default", default=identity, section="§2.2 (null entries), §4.8")
-register("aten._native_batch_norm_legit_no_training.default", "aten.native_layer_norm.default",
-         default=identity, outputs=(0,), section="§4.8, §8.10, §9.4")
-register("aten.batch_norm.default", "aten.layer_norm.default", "aten.group_norm.default",
-         "aten.rms_norm.default", "aten.dropout.default", "aten.feature_dropout.default",
-         "aten.alpha_dropout.default", default=identity, section="§4.8, §8.10, §9.4")

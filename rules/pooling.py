@@ -10,7 +10,7 @@
 * mean/sum over axes: the same |x|-proportional split along the reduced axes (a global average
   pool is a mean over H, W).
 
-Windows come from the same static index tables as the forward (``dlbjax._windows``): gather the
+Windows come from the same static index tables as the forward (``dlbjax/lowerings/windows.py``): gather the
 window cells, compute the shares, scatter-add back with the gather's VJP.
 """
 
@@ -19,8 +19,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .. import _windows as W
-from .._lowering import _dims, adaptive_table, pool_table
+from dlbjax.lowerings import reduce_axes as _dims
+from dlbjax.lowerings import windows as W
+from dlbjax.lowerings.pooling import adaptive_table, pool_table
+
 from ._math import unit_rule
 from ._registry import Streams, register
 

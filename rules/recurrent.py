@@ -1,4 +1,4 @@
-"""Recurrent layers kept whole (``aten.lstm.input``, ``aten.gru.input``) and embedding bags.
+"""Recurrent layers kept whole (``aten.lstm.input``, ``aten.gru.input``).
 
 LSTM (spec §4.7 with the binding decisions §10 R1-R12). Per layer and direction, step t computes
 x_g = W_g x_t + b_ih,g and r_g = U_g h_{t-1} + b_hh,g for the gates g = i, f, g, o (rows [0:H],
@@ -74,22 +74,21 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .._lowering import (HIGHEST, by_direction, embedding_bag_members, from_directions, gru_step,
-                         lstm_step, rnn_affine, rnn_weights, stack_directions)
-from ._math import contrastive_coeffs, default_coeffs, linear_operator_rule, relu, unit_rule
-from ._registry import Streams, carried, register
-from .elementwise import product_shares
+from dlbjax.lowerings import HIGHEST
+from dlbjax.lowerings.recurrent import (by_direction, from_directions, gru_step, lstm_step,
+                                        rnn_affine, rnn_weights, stack_directions)
 
-__all__ = ["gate_shares"]
+from ._math import linear_operator_rule, map_streams, unit_rule
+from ._registry import RuleResult, Streams, carried, register
+from .elementwise import gate_shares
+
+__all__ = []
 
 
 # ------------------------------------------------------------------------------------------------
 # Helpers over one map (default mode) or a Streams pair (contrastive mode)
 # ------------------------------------------------------------------------------------------------
-def _map(fn, *Rs):
-    if isinstance(Rs[0], Streams):
-        return Streams(*(fn(*rs) for rs in zip(*Rs)))
-    return fn(*Rs)
+_map = map_streams
 
 
 def _plus(a, b):
@@ -110,19 +109,6 @@ def _split(R, n):
 def _zeros(shape, dtype, contrastive):
     z = jnp.zeros(shape, dtype)
     return Streams(z, z) if contrastive else z
-
-
-def gate_shares(gate, signal, R, rule: str):
-    """Product y = gate ⊙ signal (§4.7, §10 R4): (R_gate, R_signal), each stream split alike.
-
-    ``"signal_take_all"``: (0, R); ``"half"``/``"dlb"``: :func:`rules.elementwise.product_shares`
-    with the gate as first factor."""
-    if isinstance(R, Streams):
-        (gp, sp), (gn, sn) = (gate_shares(gate, signal, r, rule) for r in R)
-        return Streams(gp, gn), Streams(sp, sn)
-    if rule == "signal_take_all":
-        return jnp.zeros_like(R), R
-    return product_shares(gate, signal, R, rule)
 
 
 def _add(terms, const, R, contrastive):
@@ -324,8 +310,6 @@ def _recurrent(kind):
             R_init[0].insert(0, R_h0)
             if kind == "lstm":
                 R_init[1].insert(0, R_c0)
-        if not contrastive:
-            ctx.absorb(kept)
         R_input = _map(lambda r: jnp.swapaxes(r, 0, 1), R_seq) if batch_first else R_seq
 
         def initial(j):
@@ -334,7 +318,8 @@ def _recurrent(kind):
             return _map(lambda *rs: jnp.concatenate(rs, axis=0), *R_init[j])
 
         R_hx = [initial(0), initial(1)] if kind == "lstm" else initial(0)
-        return (R_input if ctx.carrying(0) else None, R_hx) + (None,) * 7
+        return RuleResult((R_input if ctx.carrying(0) else None, R_hx) + (None,) * 7,
+                          None if contrastive else kept)
 
     return rule
 
@@ -351,62 +336,3 @@ register("aten.lstm.input", default=_recurrent("lstm"), contrastive=_recurrent("
          section="§4.7, §10")
 register("aten.gru.input", default=_recurrent("gru"), contrastive=_recurrent("gru"), check=_check,
          section="§4.7, §10 (GRU)")
-
-
-# ------------------------------------------------------------------------------------------------
-# EmbeddingBag
-# ------------------------------------------------------------------------------------------------
-def _embedding_bag(ctx, R, weight, indices, offsets, scale_grad_by_freq=False, mode=0, sparse=False,
-                   per_sample_weights=None, include_last_offset=False, padding_idx=-1):
-    """``nn.EmbeddingBag`` (§4.4, §4.6, §4.2): every feature of bag b is a unit over its members'
-    contributions v_m = w_m E[idx_m] (w_m = 1 without per-sample weights; the mean's divisor is a
-    constant scale and changes nothing). Sum/mean: the add rule, R_m ∝ |v_m| (default) or §3.2
-    with unit weights (contrastive); max: the member holding the maximum gets it, ties split
-    (§8.6), each stream alike. A member's score is the sum over features (§9.3); members outside
-    every bag or equal to ``padding_idx`` get 0. With relevance-carrying per-sample weights, v_m is
-    a product of two carriers: its share is split by the product rule between the weight and the
-    index (each summed over features); constant weights are identity to the index."""
-    R = R[0] if isinstance(R, tuple) and not isinstance(R, Streams) else R
-    first = R.positive if isinstance(R, Streams) else R
-    n = first.shape[0]
-    bag, valid = embedding_bag_members(indices, offsets, n, include_last_offset, padding_idx)
-    rows = jnp.take(weight, indices, axis=0).astype(first.dtype)
-    psw = None if per_sample_weights is None else per_sample_weights.astype(first.dtype)
-    v = jnp.where(valid[:, None], rows if psw is None else rows * psw[:, None], 0)
-    seg = partial(jax.ops.segment_sum, segment_ids=bag, num_segments=n)
-    if mode == 2:
-        masked = jnp.where(valid[:, None], v, -jnp.inf)
-        top = jax.ops.segment_max(masked, bag, num_segments=n)
-        win = (valid[:, None] & (masked == top[bag])).astype(first.dtype)
-        share = _map(lambda r: win * (r / jnp.maximum(seg(win), 1))[bag], R)
-    elif ctx.options.contrastive:
-        P, N = seg(relu(v)), seg(relu(-v))
-        ap, cp, an, cn = contrastive_coeffs(P, N, P - N, R.positive, R.negative)
-        share = Streams(ap[bag] * relu(v) + cp[bag] * relu(-v), an[bag] * relu(v) + cn[bag] * relu(-v))
-    else:
-        P, N = seg(relu(v)), seg(relu(-v))
-        a, c, _ = default_coeffs(P, N, jnp.zeros_like(P), R)
-        share = a[bag] * relu(v) + c[bag] * relu(-v)
-    share = _map(lambda s: jnp.where(valid[:, None], s, 0), share)
-    out = [None] * 9
-    if psw is not None and ctx.carrying(6):
-        if ctx.options.product_rule == "signal_take_all":
-            raise ValueError("product_rule='signal_take_all' is defined only for recurrent gates; "
-                             "the per-sample weights of an EmbeddingBag are not a gate")
-        w_part, i_part = gate_shares(jnp.broadcast_to(psw[:, None], rows.shape), rows, share,
-                                     ctx.options.product_rule)
-        out[6] = _map(lambda r: jnp.sum(r, -1), w_part)
-        share = i_part
-    out[1] = _map(lambda r: jnp.sum(r, -1), share)
-    return tuple(out)
-
-
-def _bag_check(carries):
-    if carried(carries[0]):
-        return "the embedding table carries relevance; only a constant table is supported"
-    return None
-
-
-register("aten._embedding_bag.default", "aten._embedding_bag_forward_only.default",
-         default=_embedding_bag, contrastive=_embedding_bag, outputs=(0,), check=_bag_check,
-         section="§4.4, §4.6, §8.6")

@@ -36,9 +36,11 @@ import torch.nn as nn
 from hypothesis import strategies as st
 
 import dlbjax
-from dlbjax import _windows
-from dlbjax._interpret import call_lowering, substitute
-from dlbjax._lowering import LOWERINGS, pool_table
+from dlbjax.lowerings import windows as _windows
+from dlbjax.ir import substitute
+from dlbjax.lowerings import call_lowering
+from dlbjax.lowerings import LOWERINGS
+from dlbjax.lowerings.pooling import pool_table
 
 ACTS = ("relu", "tanh", "sigmoid", "identity", "gelu", "leaky_relu")
 HEAD_ACTS = ("identity", "relu", "tanh", "sigmoid", "softmax")

@@ -80,9 +80,9 @@ def test_jit_equals_eager(cnn):
         args = (ex.constants, (jnp.asarray(x.numpy()),), tuple(seeds))
         eager = f(*args)
         jitted = jax.jit(f)(*args)
-        for a, b in zip(eager["relevance"]["x"], jitted["relevance"]["x"]):
+        for a, b in zip(eager.relevance["x"], jitted.relevance["x"]):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(np.asarray(eager["absorbed"]), np.asarray(jitted["absorbed"]),
+        np.testing.assert_allclose(np.asarray(eager.absorbed), np.asarray(jitted.absorbed),
                                    rtol=1e-5, atol=1e-6)
 
 
@@ -93,9 +93,9 @@ def test_vmap_of_relevance_function_equals_loop(cnn):
     shape = ex.program.outputs[0].shape
     seeds = jnp.asarray(np.random.default_rng(1).random((4,) + shape), jnp.float32)
     rows = jnp.asarray(x.numpy())[:, None]
-    batched = jax.jit(jax.vmap(lambda r, s: f(ex.constants, (r,), (s,))["relevance"]["x"][0]))(rows, seeds)
+    batched = jax.jit(jax.vmap(lambda r, s: f(ex.constants, (r,), (s,)).relevance["x"][0]))(rows, seeds)
     for i in range(4):
-        one = f(ex.constants, (rows[i],), (seeds[i],))["relevance"]["x"][0]
+        one = f(ex.constants, (rows[i],), (seeds[i],)).relevance["x"][0]
         np.testing.assert_allclose(np.asarray(batched[i]), np.asarray(one), rtol=1e-5, atol=1e-6)
 
 

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dlbjax
-from dlbjax._attention import sdpa_parts
+from dlbjax.lowerings.attention import sdpa_parts
 from reference import bilinear_reference
 
 

@@ -120,22 +120,22 @@ def check_row(c: fm.Compiled, res, units, r: int, contrastive: bool) -> bool:
     units, ties = units
     S = 2 if contrastive else 1
     name = c.ex.input_names[0]
-    maps = [np.asarray(m[r]) for m in res["relevance"][name]]
-    maps += [np.asarray(m[r]) for v in res["layers"].values() for m in v]
+    maps = [np.asarray(m[r]) for m in res.relevance[name]]
+    maps += [np.asarray(m[r]) for v in res.layers.values() for m in v]
     for m in maps:
         assert np.all(np.isfinite(m)), "non-finite relevance"
         assert m.min() >= 0.0, f"negative relevance {m.min()}"
 
     program = c.ex.program
     consumers = program.consumers()
-    layers = {k: [np.asarray(m[r], np.float64) for m in v] for k, v in res["layers"].items()}
-    layers[name] = [np.asarray(m[r], np.float64) for m in res["relevance"][name]]
+    layers = {k: [np.asarray(m[r], np.float64) for m in v] for k, v in res.layers.items()}
+    layers[name] = [np.asarray(m[r], np.float64) for m in res.relevance[name]]
     ambiguous = any(float(np.sum(layers[var][s][np.asarray(t[r])])) > 0
                     for var, t in ties.items() for s in range(S))
     for s in range(S):
-        seed = float(res["seed"][r, s])
-        inputs = float(res["input_total"][r, s])
-        absorbed = float(res["absorbed"][r, s])
+        seed = float(res.seed[r, s])
+        inputs = float(res.input_total[r, s])
+        absorbed = float(res.absorbed[r, s])
         bias_pred = lost_pred = amb = 0.0
         passed = {}  # var name -> relevance its units pass on to their inputs
         for var, (P, N, b) in units.items():
@@ -201,13 +201,13 @@ def _close(a, b, scale):
 
 def check_same(one, res, r, scale):
     """A single-row result equals row r of a batched result (relevance, layers, totals)."""
-    for k in one["relevance"]:
-        for a, b in zip(one["relevance"][k], res["relevance"][k]):
+    for k in one.relevance:
+        for a, b in zip(one.relevance[k], res.relevance[k]):
             _close(a, b[r], scale)
-    for k in one["layers"]:
-        for a, b in zip(one["layers"][k], res["layers"][k]):
+    for k in one.layers:
+        for a, b in zip(one.layers[k], res.layers[k]):
             _close(a, b[r], scale)
-    _close(one["absorbed"], res["absorbed"][r], scale)
+    _close(one.absorbed, res.absorbed[r], scale)
 
 
 def run_example(c: fm.Compiled, consts, x, seeds, contrastive):
@@ -219,7 +219,7 @@ def run_example(c: fm.Compiled, consts, x, seeds, contrastive):
         if ambiguous[r]:
             event("row within rounding of a rule's switch: jit/eager and vmap/loop not compared")
             continue
-        scale = max(float(np.sum(res["seed"][r])), 1.0)
+        scale = max(float(np.sum(res.seed[r])), 1.0)
         one = jax.device_get(c.jit_f(consts, (x[r],), tuple(s[r] for s in seeds)))
         check_same(one, res, r, scale)
         if r == 0 and eager_check:  # jit == eager

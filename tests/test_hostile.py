@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 import dlbjax
-from dlbjax._explain import _check_devices
+from dlbjax._plan import _check_devices
 
 
 # ------------------------------------------------------------------------------------------------

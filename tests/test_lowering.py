@@ -1,9 +1,9 @@
-"""OpInfo-style checks of every entry of ``dlbjax._lowering.LOWERINGS`` against PyTorch.
+"""OpInfo-style checks of every entry of ``dlbjax.lowerings.LOWERINGS`` against PyTorch.
 
 Each case names an ATen overload and its arguments in ATen's order and names. The same arguments
 are given to ``torch.ops.aten.<op>.<overload>`` (numpy arrays -> tensors) and to the JAX lowering
 (numpy arrays -> ``jnp`` arrays, ``torch.dtype`` -> dtype name, exactly what the importer hands the
-interpreter). The lowering's result is cast to torch's dtype as ``dlbjax._interpret.call_lowering``
+interpreter). The lowering's result is cast to torch's dtype as ``dlbjax.lowerings.call_lowering``
 does, and then compared: shapes must match exactly, float values to a max abs error of 1e-5 relative
 to max |ref|, integer and bool values (indices included) exactly. Inputs come from a seeded numpy
 RNG; ops that return indices get inputs without ties.
@@ -23,7 +23,8 @@ import pytest
 import torch
 
 import dlbjax  # noqa: F401  (registers the lowerings that live outside _lowering.py)
-from dlbjax._lowering import LOWERINGS, jnp_dtype
+from dlbjax._dtypes import jnp_dtype
+from dlbjax.lowerings import LOWERINGS
 
 RTOL = 1e-5
 BIG = 9223372036854775807  # what torch.export records for an open-ended slice

@@ -14,7 +14,7 @@ import torchvision
 
 import dlbjax
 from conftest import MLP, ResidualCNN, randomize_bn
-from dlbjax._interpret import constants_to_jax, evaluate
+from dlbjax.engine.interpret import constants_to_jax, evaluate
 
 
 def _rel_err(a, b):

@@ -13,7 +13,7 @@ import transformers as tf
 
 import dlbjax
 from dlbjax import Streams
-from dlbjax._interpret import constants_to_jax, evaluate
+from dlbjax.engine.interpret import constants_to_jax, evaluate
 
 MODELS = ["qwen3_moe", "olmoe", "gpt_oss"]
 K = 2

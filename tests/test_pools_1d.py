@@ -37,7 +37,7 @@ def run(model, x, seeds, mode="default"):
     ex = dlbjax.Explainer(model, x, mode=mode, task="regression" if mode == "default" else "auto")
     out = jax.jit(ex.relevance_function())(ex.constants, (jnp.asarray(x.numpy()),),
                                             tuple(jnp.asarray(s) for s in seeds))
-    return [np.asarray(r) for r in out["relevance"][ex.input_names[0]]], np.asarray(out["absorbed"])
+    return [np.asarray(r) for r in out.relevance[ex.input_names[0]]], np.asarray(out.absorbed)
 
 
 class Seq(nn.Module):

@@ -17,7 +17,8 @@ from hypothesis import assume, given, settings, strategies as st
 import dlbjax
 import models
 import reference as ref
-from dlbjax._lowering import conv_nd, pool_table
+from dlbjax.lowerings.affine import conv_nd
+from dlbjax.lowerings.pooling import pool_table
 from dlbjax.rules import RULES, GATES, Options, RuleContext, linear_operator_rule
 
 M = 100.0
@@ -91,8 +92,8 @@ def test_bias_free_conservation(spec, seed):
     t = int(np.argmax(logits))
     assume(abs(logits[t]) > 1e-3)  # the seeded unit has P + N > 0
     out = _run(spec, consts, x, [_onehot_seed(ex, t)])[1]
-    assert float(out["absorbed"][0]) == 0.0
-    assert float(np.sum(out["relevance"]["x"][0])) == pytest.approx(M, rel=1e-4)
+    assert float(out.absorbed[0]) == 0.0
+    assert float(np.sum(out.relevance["x"][0])) == pytest.approx(M, rel=1e-4)
 
 
 # ---- 3. linearity --------------------------------------------------------------------------------
@@ -114,7 +115,7 @@ def test_non_negative_everywhere(spec, seed, mode):
     shape = ex.program.outputs[0].shape
     seeds_ = [np.abs(rng.normal(size=shape)) * 10 for _ in range(2 if mode == "contrastive" else 1)]
     out = _run(spec, consts, x, seeds_, mode=mode, layers=True)[1]
-    maps = list(out["relevance"]["x"]) + [m for v in out["layers"].values() for m in v]
+    maps = list(out.relevance["x"]) + [m for v in out.layers.values() for m in v]
     for m in maps:
         assert float(jnp.min(m)) >= 0.0
         assert bool(jnp.all(jnp.isfinite(m)))
@@ -139,7 +140,7 @@ def test_zero_and_dummy_features_get_nothing(spec, seed, data):
     flat[i] = 0.0
     shape = ex.program.outputs[0].shape
     out = _run(spec, consts, x, [np.abs(rng.normal(size=shape)) * 10])[1]
-    assert float(np.asarray(out["relevance"]["x"][0]).reshape(-1)[i]) == 0.0
+    assert float(np.asarray(out.relevance["x"][0]).reshape(-1)[i]) == 0.0
     if spec[0] in ("mlp", "res"):  # a feature whose outgoing weights are all zero
         x2 = models.random_input(spec, rng, zeros=0)
         j = data.draw(st.integers(0, models.IN_FEATURES - 1))
@@ -147,7 +148,7 @@ def test_zero_and_dummy_features_get_nothing(spec, seed, data):
         consts = dict(consts)
         consts[first] = consts[first].at[:, j].set(0.0)
         out = _run(spec, consts, x2, [np.abs(rng.normal(size=shape)) * 10])[1]
-        assert float(out["relevance"]["x"][0][0, j]) == 0.0
+        assert float(out.relevance["x"][0][0, j]) == 0.0
 
 
 # ---- 7. permutation equivariance -----------------------------------------------------------------
@@ -177,9 +178,9 @@ def test_contrastive_streams_conserved(spec, seed):
     # a hidden layer that is entirely dead cuts the flow (units with P = N = 0): excluded
     _, f_default = models.compiled(spec, "default")
     acts = f_default(consts, (jnp.asarray(x),), (jnp.asarray(sp),))
-    assume(abs(float(np.sum(acts["relevance"]["x"][0])) + float(acts["absorbed"][0])) > 0)
-    pos, neg = out["relevance"]["x"]
-    assert float(out["absorbed"][0]) == 0.0 and float(out["absorbed"][1]) == 0.0
+    assume(abs(float(np.sum(acts.relevance["x"][0])) + float(acts.absorbed[0])) > 0)
+    pos, neg = out.relevance["x"]
+    assert float(out.absorbed[0]) == 0.0 and float(out.absorbed[1]) == 0.0
     assert float(jnp.sum(pos)) == pytest.approx(sp.sum(), rel=1e-4)
     assert float(jnp.sum(neg)) == pytest.approx(sn.sum(), rel=1e-4)
 
@@ -194,7 +195,7 @@ def test_contrastive_equals_zplus_with_zero_negative_seed(seed, depth):
     t = int(np.argmax(logits))
     assume(logits[t] > 1e-3)
     out = _run(spec, consts, x, [_onehot_seed(ex, t), _onehot_seed(ex, t, 0.0)], mode="contrastive")[1]
-    pos, neg = out["relevance"]["x"]
+    pos, neg = out.relevance["x"]
     weights = [np.asarray(consts[f"net.{2 * k}.weight"], np.float64) for k in range(depth + 1)]
     expected = ref.zplus_mlp(x[0], weights, _onehot_seed(ex, t)[0])
     np.testing.assert_allclose(np.asarray(pos[0]), expected, rtol=1e-4, atol=1e-4)
@@ -252,9 +253,9 @@ def test_max_pool_only_maxima_ties_split(seed, k, s, p, d, ceil, h, w):
 def test_conservation_report_adds_up(spec, seed):
     ex, consts, x, rng = _setup(spec, seed)
     out = _run(spec, consts, x, [_onehot_seed(ex, int(rng.integers(0, models.OUT)))])[1]
-    total = float(np.sum(out["relevance"]["x"][0])) + float(out["absorbed"][0])
+    total = float(np.sum(out.relevance["x"][0])) + float(out.absorbed[0])
     assert total <= M * (1 + 1e-4)
-    assert float(out["seed"][0]) == pytest.approx(M)
+    assert float(out.seed[0]) == pytest.approx(M)
 
 
 def test_explain_uses_the_same_pass():
@@ -266,7 +267,7 @@ def test_explain_uses_the_same_pass():
     e = ex(xs, target=2)
     for i in range(5):
         out = f(ex.constants, (jnp.asarray(xs[i:i + 1]),), (jnp.asarray(_onehot_seed(ex, 2)),))
-        np.testing.assert_allclose(e.relevance["x"][i], np.asarray(out["relevance"]["x"][0])[0],
+        np.testing.assert_allclose(e.relevance["x"][i], np.asarray(out.relevance["x"][0])[0],
                                    rtol=1e-6, atol=1e-6)
     assert isinstance(dlbjax.Explanation, type)
 

@@ -27,7 +27,7 @@ import torch.nn as nn
 
 import dlbjax
 import reference as ref
-from dlbjax._interpret import constants_to_jax, evaluate
+from dlbjax.engine.interpret import constants_to_jax, evaluate
 from dlbjax.importers import import_model
 
 RULES = ("half", "dlb", "signal_take_all")
@@ -39,12 +39,9 @@ def _rel_err(a, b):
 
 
 def _variant(ex, mode="default", rule="half"):
-    """The same imported program with other rule options (saves an export per variant)."""
-    other = copy.copy(ex)
-    other.options = dataclasses.replace(ex.options, mode=mode, product_rule=rule)
-    other.mode = mode
-    other._fn = jax.jit(other._batched)  # the compiled pass of the copy, with its options
-    return other
+    """The same imported plan with other rule options (saves an export per variant)."""
+    return dataclasses.replace(ex.plan, options=dataclasses.replace(ex.options, mode=mode,
+                                                                    product_rule=rule))
 
 
 def _relevance(ex, inputs, seeds, mode="default", rule="half"):
@@ -363,18 +360,18 @@ def _check_against_reference(rnn, x, ex, inputs, state_inputs, rng, modes_rules)
         R_x, R_h0, R_c0, kept = Reference(S, rule).run(rnn, x, R_out, R_hn, R_cn, h0, c0,
                                                        const_state=not state_inputs)
         names = ex.input_names
-        got = np.stack(out["relevance"][names[0]]).reshape(R_x.shape)
+        got = np.stack(out.relevance[names[0]]).reshape(R_x.shape)
         np.testing.assert_allclose(got, R_x, rtol=1e-9, atol=1e-11, err_msg=f"{mode} {rule}")
         if mode == "default":
-            assert out["absorbed"][0] == pytest.approx(kept, rel=1e-9, abs=1e-11)
+            assert out.absorbed[0] == pytest.approx(kept, rel=1e-9, abs=1e-11)
             # per-row budget: input + initial states + bias shares = seed (zero totals aside)
             total = got.sum() + kept + (R_h0.sum() + R_c0.sum() if state_inputs else 0.0)
             assert total == pytest.approx(seed.sum(), rel=1e-9)
         if state_inputs:
-            np.testing.assert_allclose(np.stack(out["relevance"][names[1]])[:, :, 0], R_h0,
+            np.testing.assert_allclose(np.stack(out.relevance[names[1]])[:, :, 0], R_h0,
                                        rtol=1e-9, atol=1e-11)
             if lstm:
-                np.testing.assert_allclose(np.stack(out["relevance"][names[2]])[:, :, 0], R_c0,
+                np.testing.assert_allclose(np.stack(out.relevance[names[2]])[:, :, 0], R_c0,
                                            rtol=1e-9, atol=1e-11)
 
 
@@ -599,9 +596,9 @@ def test_embedding_bag_equals_per_unit_reference(mode):
                 out = _relevance(ex, [idx.numpy(), offsets.numpy()], seeds, mode=m)
                 expected, _ = _bag_reference(mode, W, idx.numpy(), offsets.numpy(), np.stack(seeds),
                                              pad=pad, S=S)
-                np.testing.assert_allclose(np.stack(out["relevance"]["indices"]), expected,
+                np.testing.assert_allclose(np.stack(out.relevance["indices"]), expected,
                                            rtol=1e-10, atol=1e-12)
-                assert np.all(np.stack(out["relevance"]["offsets"]) == 0)
+                assert np.all(np.stack(out.relevance["offsets"]) == 0)
         # per-sample weights (sum mode) are an input: the product rule splits each member's share
         if mode == "sum":
             model = Bag("sum").double().eval()
@@ -611,8 +608,8 @@ def test_embedding_bag_equals_per_unit_reference(mode):
             out = _relevance(ex, [idx.numpy(), offsets.numpy(), psw.numpy()], seeds)
             exp_i, exp_w = _bag_reference("sum", model.bag.weight.detach().numpy(), idx.numpy(),
                                           offsets.numpy(), np.stack(seeds), psw=psw.numpy())
-            np.testing.assert_allclose(out["relevance"]["indices"][0], exp_i[0], rtol=1e-10, atol=1e-12)
-            np.testing.assert_allclose(out["relevance"]["weights"][0], exp_w[0], rtol=1e-10, atol=1e-12)
+            np.testing.assert_allclose(out.relevance["indices"][0], exp_i[0], rtol=1e-10, atol=1e-12)
+            np.testing.assert_allclose(out.relevance["weights"][0], exp_w[0], rtol=1e-10, atol=1e-12)
 
 
 # ------------------------------------------------------------------------------------------------

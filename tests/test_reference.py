@@ -26,8 +26,8 @@ def run(model, x, seeds, mode="default", **opts):
     ex = dlbjax.Explainer(model, x, mode=mode, **opts)
     f = jax.jit(ex.relevance_function())
     out = f(ex.constants, (jnp.asarray(x.numpy()),), tuple(jnp.asarray(s) for s in seeds))
-    rel = out["relevance"][ex.input_names[0]]
-    return [np.asarray(r) for r in rel], np.asarray(out["absorbed"])
+    rel = out.relevance[ex.input_names[0]]
+    return [np.asarray(r) for r in rel], np.asarray(out.absorbed)
 
 
 @pytest.fixture(autouse=True)

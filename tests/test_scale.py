@@ -52,10 +52,9 @@ cnn = ResidualCNN().eval(); cnn.load_state_dict(torch.load({cnn_w!r}))
 x = torch.from_numpy(np.load({x!r})); img = torch.from_numpy(np.load({img!r}))
 ex = dlbjax.Explainer(mlp, x[:1])
 # the rows of one call are laid out over the 4 devices
-from dlbjax._seed import check_targets
-arrays, n = ex._to_rows(x[:8]); cl, sel = check_targets(ex.task, None, n, ex._out_size)
-raw = ex._run(arrays, cl, sel)
-assert len(raw["relevance"]["x"][0].sharding.device_set) == 4
+arrays, n = ex.plan.rows(x[:8]); cl, sel = ex.plan.task.check(None, n, ex.plan.out_size)
+raw = ex.runner.call(arrays, cl, sel)
+assert len(raw.relevance["x"][0].sharding.device_set) == 4
 out = {{}}
 out["batch"] = ex.batch(x, batch_size=6).relevance["x"]          # 6 -> 8 rows per call
 out["call"] = ex(x[:3]).relevance["x"]                            # 3 rows, padded to 4
@@ -142,7 +141,7 @@ def test_compute_dtype_none_keeps_half_precision(mlp, data):
 def test_out_of_memory_is_split_into_chunks(mlp, data, monkeypatch):
     ex = dlbjax.Explainer(mlp, data[:1])
     ref = ex(data)
-    real = ex._run
+    real = ex.runner.call
     sizes = []
 
     def tight(arrays, classes, select):
@@ -152,13 +151,13 @@ def test_out_of_memory_is_split_into_chunks(mlp, data, monkeypatch):
                 "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 4.00GiB.")
         return real(arrays, classes, select)
 
-    monkeypatch.setattr(ex, "_run", tight)
+    monkeypatch.setattr(ex.runner, "call", tight)
     with pytest.warns(UserWarning, match="out of memory"):
         e = ex(data)
     assert sizes[:3] == [10, 5, 3] and set(sizes[2:]) == {3}
     np.testing.assert_allclose(e.relevance["x"], ref.relevance["x"], rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(e.target, ref.target)
-    assert ex._chunk_limit == 3
+    assert ex.runner.chunk_limit == 3
     sizes.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the learned size is used directly: no second warning
@@ -185,23 +184,21 @@ def test_max_batch_splits_calls(mlp, data):
 
 # ---- precomputed |W|, conv weights in the CPU filter layout ----------------------------------------
 def test_precomputed_constants_change_nothing(cnn, mlp):
-    from dlbjax._parallel import compiled_args
-    from dlbjax._seed import check_targets
 
     x = torch.randn(3, 3, 12, 12, generator=torch.Generator().manual_seed(5))
     ex = dlbjax.Explainer(cnn, x[:1])
-    assert set(ex._mags) == {"stem.0.weight", "conv1.weight", "conv2.weight", "fc.weight"}
-    arrays, n = ex._to_rows(x)
-    classes, select = check_targets(ex.task, None, n, ex._out_size)
-    args = compiled_args(ex, arrays, classes, select)
+    assert set(ex.plan.mags) == {"stem.0.weight", "conv1.weight", "conv2.weight", "fc.weight"}
+    arrays, n = ex.plan.rows(x)
+    classes, select = ex.plan.task.check(None, n, ex.plan.out_size)
+    args = ex.runner.compiled_args(arrays, classes, select)
     laid = args[-1]
     assert set(laid["consts"]) == {"stem.0.weight", "conv1.weight", "conv2.weight"}
     assert laid["consts"]["stem.0.weight"].shape == (3, 3, 3, 8)  # [kh, kw, in, out]
     # the plain path: OIHW weights, |W| computed inside the pass
-    plain = jax.device_get(ex._fn(ex._consts, *args[1:4], {}, None))
-    np.testing.assert_array_equal(ex(x).relevance["x"], plain["relevance"]["x"][0].reshape(x.shape))
-    assert dlbjax.Explainer(cnn, x[:1], precompute_magnitudes=False)._mags == {}
-    assert dlbjax.Explainer(mlp, torch.randn(1, 16), mode="contrastive")._mags == {}  # W+, W-
+    plain = jax.device_get(ex.runner.fn(ex.plan.consts, *args[1:4], {}, None))
+    np.testing.assert_array_equal(ex(x).relevance["x"], plain.relevance["x"][0].reshape(x.shape))
+    assert dlbjax.Explainer(cnn, x[:1], precompute_magnitudes=False).plan.mags == {}
+    assert dlbjax.Explainer(mlp, torch.randn(1, 16), mode="contrastive").plan.mags == {}  # W+, W-
 
 
 # ---- compilation cache ---------------------------------------------------------------------------

@@ -3,8 +3,10 @@
     python tools/ops_table.py            # print the markdown table
     python tools/ops_table.py --write    # replace the table in README.md between the markers
 
-Every row is one :class:`dlbjax.rules.Rule` object with all the ATen op names registered to it
-(in registration order). Columns: ``ops``; ``spec section`` (``Rule.section``); ``kind``
+Every row is one rule of the default method (``dlbjax.rules.RULES``) with all the ATen op names
+registered to it by one ``register`` call (same functions and facts; in registration order).
+Columns: ``ops``; ``family`` (``dlbjax/lowerings/<family>.py`` and ``rules/<family>.py``);
+``spec section`` (``Rule.section``); ``kind``
 (``affine`` for Linear/Conv units gated by their activation, ``route`` for exact index maps,
 ``activation`` for ops that supply a gate to their producer, ``other`` for the rest);
 ``contrastive`` (``own rule`` where the rule has a dedicated contrastive function, ``per stream``
@@ -41,21 +43,25 @@ def _contrastive(rule) -> str:
 
 
 def ops_table() -> str:
-    """The markdown table (no trailing newline): one row per Rule object in ``RULES``."""
+    """The markdown table (no trailing newline): one row per registration in ``RULES``."""
     from dlbjax.rules import RULES
 
     groups: list[tuple[object, list[str]]] = []
-    index: dict[int, int] = {}
+    index: dict[tuple, int] = {}
     for op, rule in RULES.items():
-        if id(rule) not in index:
-            index[id(rule)] = len(groups)
+        key = (id(rule.default), id(rule.contrastive), id(rule.gate), id(rule.check), rule.outputs,
+               rule.affine, rule.route, rule.section, rule.family)
+        if key not in index:
+            index[key] = len(groups)
             groups.append((rule, []))
-        groups[index[id(rule)]][1].append(op)
-    lines = ["| ops | spec section | kind | contrastive |", "| --- | --- | --- | --- |"]
+        groups[index[key]][1].append(op)
+    lines = ["| ops | family | spec section | kind | contrastive |",
+             "| --- | --- | --- | --- | --- |"]
     for rule, ops in groups:
         names = ", ".join(f"`{op}`" for op in ops)
         section = (rule.section or "-").replace("|", "\\|")
-        lines.append(f"| {names} | {section} | {_kind(rule)} | {_contrastive(rule)} |")
+        lines.append(f"| {names} | {rule.family} | {section} | {_kind(rule)} | "
+                     f"{_contrastive(rule)} |")
     return "\n".join(lines)
 
 

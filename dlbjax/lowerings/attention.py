@@ -13,7 +13,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ._lowering import HIGHEST, lowering
+from ._common import HIGHEST
+from ._table import lowering
 
 __all__ = ["sdpa_parts", "repeat_kv"]
 
@@ -55,7 +56,7 @@ def sdpa_parts(query, key, value, attn_mask=None, is_causal=False, scale=None, e
     return scores, mask, probs, key, value
 
 
-@lowering("aten.scaled_dot_product_attention.default")
+@lowering("aten.scaled_dot_product_attention.default", keep_whole=True)
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
                                  *, scale=None, enable_gqa=False):
     if dropout_p:

@@ -1,6 +1,6 @@
 """Precomputed |W| of the constant weights of affine ops (a hot-path optimisation).
 
-The default-mode dense/conv rule (``rules._math._magnitude_rule``) needs |W| for its two extra
+The default-mode dense/conv rule (``rules/_math.py``, ``_magnitude_rule``) needs |W| for its two extra
 products. Computed inside the compiled pass, |W| is a full read and write of every weight on every
 call: about 15-20% of a BERT-base explanation at batch 1 on CPU (see benchmarks/RESULTS.md). The
 Explainer computes it once, keeps it next to the constants (the dense/conv weights' memory once
@@ -19,8 +19,10 @@ from typing import Optional
 
 import jax.numpy as jnp
 
-from .ir import Program, Var
-from .rules import Options, get_rule
+from dlbjax.ir import Program, Var
+from dlbjax.lowerings import Kind, is_kind
+from dlbjax.lowerings.affine import is_transposed_conv
+from dlbjax.rules import Options, get_rule
 
 __all__ = ["magnitude_names", "precompute_magnitudes", "conv_weight_names", "split_layouts",
            "restore_layouts"]
@@ -32,7 +34,7 @@ def magnitude_names(program: Program, analysis, options: Options) -> list[str]:
     consts = {c.name for c in program.constants}
     names: list[str] = []
     for i, eqn in enumerate(program.eqns):
-        rule = get_rule(eqn.op)
+        rule = get_rule(eqn.op, options.method)
         if rule is None or not rule.affine or not any(o in analysis.carries for o in eqn.outputs):
             continue
         gate = analysis.gates.get(i)
@@ -59,19 +61,12 @@ def precompute_magnitudes(program: Program, analysis, options: Options, consts: 
 # On CPU the Explainer passes conv weights (and their |W|) already transposed and undoes the
 # transpose at the start of the compiled function, where XLA cancels the pair; the program still
 # sees [out, in, *kernel]. Bit-identical results; resnet18 at 224x224 explains ~15% faster.
-_CONV_OPS = frozenset({"aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default",
-                       "aten.conv1d.padding", "aten.conv2d.padding", "aten.conv3d.padding"})
-
-
 def conv_weight_names(program: Program) -> list[str]:
     consts = {c.name for c in program.constants}
     names: list[str] = []
     for eqn in program.eqns:
-        if eqn.op == "aten.convolution.default":
-            if len(eqn.args) > 6 and eqn.args[6]:  # transposed convolution: another layout
-                continue
-        elif eqn.op not in _CONV_OPS:
-            continue
+        if not is_kind(eqn.op, Kind.CONV) or is_transposed_conv(eqn):
+            continue  # (a transposed convolution's weight has another layout)
         w = eqn.args[1] if len(eqn.args) > 1 else None
         if isinstance(w, Var) and w.name in consts and w.is_float and len(w.shape) >= 3 \
                 and w.name not in names:

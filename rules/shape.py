@@ -17,8 +17,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .._dtypes import relevance_dtype
-from .._lowering import LOWERINGS
+from dlbjax._dtypes import relevance_dtype
+from dlbjax.lowerings import LOWERINGS
+
 from ._registry import register
 
 __all__ = ["route"]
@@ -90,9 +91,6 @@ register(
     "aten.flip.default", "aten.roll.default", "aten.narrow.default", "aten.index_select.default",
     "aten.index.Tensor", "aten.gather.default",
     default=route, route=True, section="§4.3, §4.5, §9.12")
-
-# MoE top-k routing weights, only when they carry relevance (router_relevance=True)
-register("aten.topk.default", default=route, outputs=(0,), section="§4.3 (MoE routing)")
 
 # dtype casts and where-style selection: exact routing too, but never for token ids
 register("aten._to_copy.default", "aten.to.dtype", "aten.type_as.default",

@@ -24,8 +24,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ._fuse import FusedBody
-from .ir import Eqn, Program, Var
+from dlbjax.ir import Eqn, Program, Var
+from dlbjax.lowerings.fused import FusedBody
 
 __all__ = ["HALF_DTYPES", "resolve_compute_dtype", "promote_program"]
 

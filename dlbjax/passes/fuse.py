@@ -8,18 +8,16 @@ whatever its form (§4.8, §9.4, §9.6). This pass finds each contiguous run of 
 inside one module whose class is a known element-wise activation or norm, with one non-constant
 input and one output of the same shape, and replaces the run by a single ``dlbjax.fused``
 equation that keeps the original equations as its body (the forward runs them unchanged) and
-whose relevance rule is the identity (``rules/elementwise.py``).
+whose relevance rule is the identity (``rules/fused.py``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dlbjax.ir import Eqn, Program, Var
+from dlbjax.lowerings.fused import FUSED_OP, FusedBody
 
-from .ir import Eqn, Program, Var
+__all__ = ["fuse_modules", "ACTIVATION_MODULES", "NORM_SUFFIXES"]
 
-__all__ = ["FusedBody", "fuse_modules", "FUSED_OP", "ACTIVATION_MODULES", "NORM_SUFFIXES"]
-
-FUSED_OP = "dlbjax.fused"
 # module class name -> activation-table key for experimental gating (spec §2.2, §9.6)
 ACTIVATION_MODULES = {
     "NewGELUActivation": "gelu_tanh", "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh",
@@ -29,21 +27,6 @@ ACTIVATION_MODULES = {
     "LinearActivation": None, "GELU": "gelu", "SiLU": "silu", "Mish": None,
 }
 NORM_SUFFIXES = ("RMSNorm", "LayerNorm", "GroupNorm", "LayerNorm2d")
-
-
-@dataclass(frozen=True, eq=False)
-class FusedBody:
-    """The original equations of a fused module; ``inputs`` are read in ``args`` order."""
-
-    eqns: tuple
-    inputs: tuple
-    output: Var
-    module_type: str
-    kind: str  # "activation" or "norm"
-    gate: str | None
-
-    def __repr__(self) -> str:
-        return f"<{self.module_type}: {len(self.eqns)} eqns>"
 
 
 def _kind(module_type: str):

@@ -1,0 +1,131 @@
+"""The Explainer's options: one frozen, validated :class:`Config` (the only place that checks them).
+
+Every option of :class:`dlbjax.Explainer` (and :func:`dlbjax.explain`) is a field here, checked
+and normalised once in ``__post_init__``; everything later reads the validated values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Any, Optional, Union
+
+from ._errors import TargetError
+from ._tasks import TASK_ALIASES
+from ._types import Mode, ProductRule
+from .rules import DLB, Options
+
+__all__ = ["Config", "MODES", "PRODUCT_RULES"]
+
+# accepted spellings of the two modes
+MODES = {"default": "default", "contrastive": "contrastive", "contrast": "contrastive"}
+# "signal_take_all" is defined for the gate/signal products of recurrent layers only (spec §4.7,
+# §10 R4); a generic product of two activations raises with it (rules.elementwise.product_shares).
+PRODUCT_RULES = ("half", "dlb", "signal_take_all")
+
+
+@dataclass(frozen=True)
+class Config:
+    """What to explain and how. Fields (as :class:`dlbjax.Explainer` takes them):
+
+    - ``mode``: ``"default"`` (one non-negative map) or ``"contrastive"`` (``"contrast"`` too): a
+      positive and a negative stream (spec §3).
+    - ``multiplier``: the total seed per row (default 100), a positive finite number.
+    - ``task``: ``"auto"``, ``"classification"``, ``"binary"``, ``"regression"``,
+      ``"bbox-regression"``, ``"segmentation"``/``"binary-segmentation"`` or ``"next-token"``
+      (see ``dlbjax._tasks``).
+    - ``layers``: also keep the relevance at every intermediate IR variable.
+    - ``output``: index or name of the explained model output.
+    - ``batch_axis``: 0 (rows along axis 0 of every input) or None (the inputs are one example).
+    - ``experimental_gating``: use the GELU/SiLU/relu6/hardtanh entries of spec §2.2.
+    - ``product_rule``: ``"half"``, ``"dlb"`` or ``"signal_take_all"``, for products of two
+      activations and the gate products of LSTM/GRU layers; ``"signal_take_all"`` gives gates 0
+      and is defined for recurrent layers only (another product of two activations raises).
+    - ``attention_value_fraction``: phi of spec §4.9, the share of attention relevance that goes
+      to the values (1 - phi to queries and keys), in [0, 1]; default 1/2.
+    - ``buckets``: None, True (powers of two from 8 up to the model's maximum length) or a list
+      of sequence lengths: token inputs are right-padded to the smallest bucket that fits, with
+      the attention mask; one compilation per bucket; needs an ``attention_mask`` input.
+    - ``router_relevance``: MoE routing weights carry relevance (the router gets its share).
+    - ``compute_dtype``: ``"float32"`` (default: bf16/fp16 models are computed and explained in
+      float32, ``dlbjax/passes/precision.py``), ``"float64"`` (needs jax_enable_x64) or None (keep
+      half precision).
+    - ``precompute_magnitudes``: compute |W| of dense/conv weights once and keep it (one more copy
+      of those weights) instead of once per call.
+    - ``max_batch``: most rows per compiled call (larger inputs are split; out-of-memory failures
+      halve it automatically).
+    - ``devices``: the devices to shard rows over (default: all local devices).
+    - ``thresholding``: segmentation, seed the pixels whose probability exceeds it (default 0.5).
+    """
+
+    mode: Mode = "default"
+    multiplier: float = 100.0
+    task: str = "auto"
+    layers: bool = False
+    output: Union[int, str] = 0
+    batch_axis: Optional[int] = 0
+    experimental_gating: bool = False
+    product_rule: ProductRule = "half"
+    attention_value_fraction: float = 0.5
+    buckets: Any = None
+    router_relevance: bool = False
+    compute_dtype: Any = "float32"
+    precompute_magnitudes: bool = True
+    max_batch: Optional[int] = None
+    devices: Optional[tuple] = None
+    thresholding: float = 0.5
+
+    def __post_init__(self):
+        mode = self.mode
+        if not isinstance(mode, str) or mode.lower() not in MODES:
+            raise ValueError(f"mode must be 'default' or 'contrastive' (or 'contrast'), not {mode!r}")
+        try:
+            m = float(self.multiplier)
+        except (TypeError, ValueError):
+            raise ValueError(f"multiplier must be a positive number, not {self.multiplier!r}") from None
+        if not math.isfinite(m) or m <= 0:
+            raise ValueError(f"multiplier must be a positive finite number, not {self.multiplier!r}")
+        if self.batch_axis not in (0, None):
+            raise ValueError("batch_axis must be 0 (rows along axis 0) or None (inputs are one example)")
+        if self.product_rule not in PRODUCT_RULES:
+            raise ValueError(f"product_rule must be one of {', '.join(map(repr, PRODUCT_RULES))}, not "
+                             f"{self.product_rule!r}")
+        buckets = self.buckets if self.buckets is not False else None
+        if buckets is not None and self.batch_axis != 0:
+            raise ValueError("length buckets need rows along axis 0 (batch_axis=0)")
+        set_ = object.__setattr__
+        set_(self, "mode", MODES[mode.lower()])
+        set_(self, "multiplier", m)
+        set_(self, "buckets", buckets)
+        set_(self, "thresholding", float(self.thresholding))
+        set_(self, "layers", bool(self.layers))
+        set_(self, "max_batch", None if self.max_batch is None else max(1, int(self.max_batch)))
+        set_(self, "devices", tuple(self.devices) if self.devices else None)
+        set_(self, "attention_value_fraction", _phi(self.attention_value_fraction))
+        set_(self, "experimental_gating", bool(self.experimental_gating))
+        set_(self, "router_relevance", bool(self.router_relevance))
+        if not isinstance(self.task, str) or self.task.lower() not in TASK_ALIASES:
+            raise TargetError(f"unknown task {self.task!r}; use one of {sorted(set(TASK_ALIASES))}")
+
+    @property
+    def options(self) -> Options:
+        """The static rule options of the relevance pass."""
+        return Options(mode=self.mode, experimental_gating=self.experimental_gating,
+                       product_rule=self.product_rule, phi=self.attention_value_fraction,
+                       router_relevance=self.router_relevance, method=DLB)
+
+    def replace(self, **changes) -> "Config":
+        return replace(self, **changes)
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _phi(phi) -> float:
+    try:
+        phi = float(phi)
+    except (TypeError, ValueError):
+        raise ValueError(f"attention_value_fraction must be a number in [0, 1], not {phi!r}") from None
+    if not 0.0 <= phi <= 1.0:
+        raise ValueError(f"attention_value_fraction must be in [0, 1], not {phi}")
+    return phi

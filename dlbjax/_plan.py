@@ -1,0 +1,309 @@
+"""Everything built once per Explainer: :func:`prepare` turns a model, an example and a
+:class:`~dlbjax._config.Config` into a frozen :class:`Plan`.
+
+``prepare`` binds and checks the example, exports and translates the model (``importers/``), runs
+the program passes (module fusion, half-precision promotion; ``dlbjax/passes/``), analyses the
+relevance path (``dlbjax/engine/analysis.py``) and reports every unsupported op at once, checks
+dtypes and weights, resolves the task, converts the constants to JAX arrays and precomputes the
+weight magnitudes. The Plan then validates callers' inputs (:meth:`Plan.rows`) and gives the
+relevance pass of one row as a pure function (:meth:`Plan.relevance_function`); compiling and
+running it is the runner's job (``dlbjax._runner``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import torch.utils._pytree as pytree
+
+from ._config import Config
+from ._errors import DtypeError, InputMismatchError, NonFiniteError, TargetError
+from ._tasks import Task, resolve_task
+from .engine.analysis import Analysis, analyze
+from .engine.interpret import constants_to_jax
+from .engine.relevance import relevance_row
+from .importers import BoundInputs, bind_inputs, import_bound, static_experts_copy, tensor_to_numpy
+from .ir import Program
+from .passes.fuse import fuse_modules
+from .passes.magnitudes import precompute_magnitudes
+from .passes.moe import find_moe_layers
+from .passes.precision import resolve_compute_dtype
+from .rules import Options
+
+__all__ = ["Plan", "prepare"]
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """The imported, analysed and checked model, ready to compile.
+
+    ``program``: the IR (after the passes); ``input_names``: the forward's tensor inputs;
+    ``row_specs``: (name, per-example shape, caller dtype) of each input; ``explained``: the index
+    of the explained output; ``analysis``: the static facts of the relevance pass; ``options``:
+    the rule options; ``task``: the resolved :class:`~dlbjax._tasks.Task` (None when it cannot be
+    resolved, with ``task_error`` raised when seeds are first needed); ``out_size``: the entries a
+    target indexes; ``consts``: constants as JAX arrays; ``mags``: precomputed |W|; ``moe_layers``:
+    routed layers on the relevance path; ``x64``: the model computes in float64;
+    ``compute_dtype``: what half precision is computed in (None: unchanged).
+    """
+
+    config: Config
+    program: Program
+    input_names: tuple
+    row_specs: tuple
+    explained: int
+    analysis: Analysis
+    options: Options
+    task: Optional[Task]
+    task_error: Optional[Exception]
+    out_size: int
+    consts: dict
+    mags: dict
+    moe_layers: tuple
+    x64: bool
+    compute_dtype: Optional[str]
+
+    def check_task(self) -> Task:
+        if self.task_error is not None:
+            raise self.task_error
+        return self.task
+
+    def relevance_function(self):
+        """The relevance pass of one example as a pure JAX function ``f(consts, inputs, seeds)``
+        (see :meth:`dlbjax.Explainer.relevance_function`)."""
+        program, an, opts = self.program, self.analysis, self.options
+        explained, layers = self.explained, self.config.layers
+
+        def f(consts, inputs, seeds):
+            def fixed(pred, inputs=None):
+                return tuple(seeds), jnp.int32(-1)
+            return relevance_row(program, an, opts, consts, tuple(inputs), fixed,
+                                 explained=explained, layers=layers)
+
+        return f
+
+    def rows(self, inputs: Any, dataset: bool = False) -> tuple[tuple, int]:
+        """Validate the caller's inputs against the example's rows; returns (one host array per
+        input in the layout ``[rows, *row_shape]``, the number of rows). ``dataset``: with
+        ``batch_axis=None``, a stack of examples along a new axis 0."""
+        if isinstance(inputs, (torch.Tensor, np.ndarray)):
+            given = {self.input_names[0]: inputs} if len(self.input_names) == 1 else None
+            if given is None:
+                raise InputMismatchError(
+                    f"the model takes {len(self.input_names)} tensor inputs {list(self.input_names)}; "
+                    "pass a tuple or a dict")
+        elif isinstance(inputs, dict) or hasattr(inputs, "keys"):
+            given = {str(k): v for k, v in dict(inputs).items()
+                     if isinstance(v, (torch.Tensor, np.ndarray))}
+        elif isinstance(inputs, (tuple, list)):
+            tensors = [v for v in inputs if isinstance(v, (torch.Tensor, np.ndarray))]
+            if len(tensors) != len(self.input_names):
+                raise InputMismatchError(
+                    f"expected {len(self.input_names)} tensor inputs {list(self.input_names)}, got "
+                    f"{len(tensors)}")
+            given = dict(zip(self.input_names, tensors))
+        else:
+            raise InputMismatchError(f"unsupported input type {type(inputs).__name__}")
+        missing = [n for n in self.input_names if n not in given]
+        extra = [n for n in given if n not in self.input_names]
+        if missing or extra:
+            raise InputMismatchError(
+                f"input names differ from the example's {list(self.input_names)}: "
+                + (f"missing {missing}" if missing else "") + (" " if missing and extra else "")
+                + (f"unexpected {extra}" if extra else ""))
+        arrays, n_rows = [], None
+        for name, shape, dtype in self.row_specs:
+            value = given[name]
+            if isinstance(value, torch.Tensor) and value.device.type == "meta":
+                raise InputMismatchError(f"input '{name}' is on the 'meta' device and holds no "
+                                         "values; pass a tensor with data (e.g. on the CPU)")
+            arr = tensor_to_numpy(value) if isinstance(value, torch.Tensor) else np.asarray(value)
+            got_dtype = str(arr.dtype)
+            if got_dtype != dtype:
+                raise InputMismatchError(f"input '{name}' has dtype {got_dtype}, the example had "
+                                         f"{dtype}; cast it (e.g. x.to(torch.{dtype}))")
+            if self.config.batch_axis == 0:
+                if arr.ndim != len(shape) or tuple(arr.shape[1:]) != tuple(shape[1:]):
+                    raise InputMismatchError(
+                        f"input '{name}' has shape {tuple(arr.shape)}; rows of the example have shape "
+                        f"{tuple(shape[1:])} (expected [N, {', '.join(map(str, shape[1:]))}])")
+                rows = arr.shape[0]
+                arr = arr.reshape((rows, 1) + tuple(shape[1:]))
+            elif dataset:
+                if tuple(arr.shape[1:]) != tuple(shape):
+                    raise InputMismatchError(f"input '{name}' has shape {tuple(arr.shape)}; a dataset "
+                                             f"of examples of shape {tuple(shape)} must be [N, "
+                                             f"{', '.join(map(str, shape))}]")
+                rows = arr.shape[0]
+            else:
+                if tuple(arr.shape) != tuple(shape):
+                    raise InputMismatchError(f"input '{name}' has shape {tuple(arr.shape)}, the "
+                                             f"example had {tuple(shape)}")
+                rows = 1
+                arr = arr[None]
+            if n_rows is not None and rows != n_rows:
+                raise InputMismatchError(f"inputs have different numbers of rows ({n_rows} and {rows})")
+            n_rows = rows
+            if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+                bad = np.argwhere(~np.isfinite(arr.reshape(arr.shape[0], -1)))[0]
+                raise NonFiniteError(f"input '{name}' contains NaN or inf (first at row {bad[0]}); "
+                                     "relevance of non-finite inputs is undefined")
+            arrays.append(arr)
+        if n_rows == 0:
+            raise InputMismatchError("the inputs are an empty batch (0 rows)")
+        return tuple(arrays), n_rows
+
+
+def prepare(model: torch.nn.Module, example_inputs: Any, config: Config) -> Plan:
+    """Import, analyse and check ``model`` on ``example_inputs`` (module docstring)."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    options = config.options
+    bound = bind_inputs(model, example_inputs)
+    _check_devices(model, bound)
+    args, kwargs, _ = _row_slice(bound, config.batch_axis)
+    program = fuse_modules(import_bound(static_experts_copy(model),
+                                        BoundInputs(args, kwargs, bound.names, [])))
+    # callers pass the model's own dtypes; half precision is computed in compute_dtype
+    row_specs = tuple((v.name, tuple(v.shape), v.dtype) for v in program.inputs)
+    program, compute_dtype = resolve_compute_dtype(program, config.compute_dtype)
+    explained = _output_index(program, config.output)
+    analysis = analyze(program, options, explained)
+    analysis.raise_if_unsupported()
+    _check_constants(program)
+    x64 = _check_dtypes(program, analysis)
+    out_var = program.outputs[explained]
+    # the task is needed to build seeds; an unresolvable task only fails when seeds are built
+    # (relevance_function with explicit seeds works for any output)
+    task, task_error = None, None
+    try:
+        task = resolve_task(config.task, out_var.shape, 0 if config.batch_axis == 0 else None,
+                            type(model).__name__)
+        if not task.contrastive and options.contrastive:
+            raise TargetError("contrastive mode needs competing classes; it is not defined for "
+                              f"{task.name} outputs (use mode='default')")
+    except TargetError as exc:
+        task, task_error = None, exc
+    consts = constants_to_jax(program)
+    mags = precompute_magnitudes(program, analysis, options, consts) \
+        if config.precompute_magnitudes else {}
+    moe = tuple(m for m in find_moe_layers(program) if m.weighted in analysis.carries)
+    return Plan(config=config, program=program, input_names=tuple(bound.names),
+                row_specs=row_specs, explained=explained, analysis=analysis, options=options,
+                task=task, task_error=task_error,
+                out_size=task.size(out_var.shape) if task else 0, consts=consts, mags=mags,
+                moe_layers=moe, x64=x64, compute_dtype=compute_dtype)
+
+
+def _output_index(program: Program, output) -> int:
+    names = program.output_names
+    if isinstance(output, str):
+        if output not in names:
+            raise ValueError(f"the model has no output {output!r}; outputs are {list(names)}")
+        return names.index(output)
+    if not isinstance(output, int) or not 0 <= output < len(names):
+        raise ValueError(f"output must be an index below {len(names)} or one of {list(names)}")
+    return output
+
+
+def _check_constants(program: Program) -> None:
+    for var in program.constants:
+        value = program.const_values[var.name]
+        if var.is_float and not np.all(np.isfinite(np.asarray(value, np.float32))):
+            raise NonFiniteError(f"parameter or buffer '{var.name}' contains NaN or inf values; "
+                                 "fix the model's weights before explaining it")
+
+
+def _row_slice(bound, batch_axis):
+    """The example's first row (batch_axis=0) as torch inputs, plus the number of rows."""
+    if batch_axis is None:
+        return bound.args, bound.kwargs, 1
+    sizes = {t.shape[0] if t.ndim > 0 else None for t in bound.tensors}
+    if None in sizes:
+        raise InputMismatchError("with batch_axis=0 every tensor input needs a leading batch axis; "
+                                 "pass batch_axis=None to explain a single unbatched example")
+    if len(sizes) != 1:
+        raise InputMismatchError(f"tensor inputs have different leading (batch) sizes {sorted(sizes)}")
+    n = sizes.pop()
+    if n == 0:
+        raise InputMismatchError("the inputs are an empty batch (0 rows)")
+
+    def first(x):
+        return x[:1] if isinstance(x, torch.Tensor) else x
+
+    return pytree.tree_map(first, bound.args), pytree.tree_map(first, bound.kwargs), n
+
+
+def _check_devices(model, bound) -> None:
+    """Before export: tensors with values, inputs on one device, the model's device (torch.export
+    would fail later with a fake-tensor device error), float inputs of the parameters' dtype.
+    dlbjax copies weights and inputs to the host and computes on JAX's default device, whatever
+    the torch device."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+            if t.device.type == "meta"]
+    if meta:
+        raise InputMismatchError(
+            f"the model's parameter or buffer '{meta[0]}' is on the 'meta' device and holds no "
+            "values; materialise the weights first (e.g. model.to_empty(device='cpu') and "
+            "load_state_dict, or from_pretrained without device_map='meta')")
+    devices = {}
+    for name, t in zip(bound.names, bound.tensors):
+        if t.device.type == "meta":
+            raise InputMismatchError(f"input '{name}' is on the 'meta' device and holds no values; "
+                                     "pass a tensor with data (e.g. on the CPU)")
+        devices.setdefault(t.device, name)
+    if len(devices) > 1:
+        where = ", ".join(f"'{n}' on {d}" for d, n in devices.items())
+        raise InputMismatchError(f"the inputs are on different devices ({where}); move them to "
+                                 "the model's device")
+    model_devices = {t.device for t in tensors}
+    if len(model_devices) == 1 and devices and set(devices) != model_devices:
+        (md,), ((d, n),) = model_devices, devices.items()
+        raise InputMismatchError(
+            f"input '{n}' is on {d} but the model's parameters are on {md}; move the inputs to the "
+            f"model's device (x.to('{md}')) or the model to the inputs'. dlbjax copies both to the "
+            "host and computes on JAX's default device either way")
+    model_dtypes = {t.dtype for t in tensors if t.is_floating_point()}
+    if len(model_dtypes) == 1:
+        (md,) = model_dtypes
+        for name, t in zip(bound.names, bound.tensors):
+            if t.is_floating_point() and t.dtype != md:
+                raise InputMismatchError(
+                    f"input '{name}' has dtype {t.dtype} but the model's parameters are {md}; cast "
+                    f"the input (x.to({md})) or the model (model.to({t.dtype}))")
+
+
+def _check_dtypes(program, analysis) -> bool:
+    """Raise DtypeError for what would otherwise explain silently wrong; returns whether the
+    program needs jax_enable_x64 (float64 inputs, parameters or buffers)."""
+    def wide(vs):
+        return sorted({v.name for v in vs if v.dtype in ("float64", "complex128")})
+
+    model_wide = wide(list(program.inputs) + list(program.constants))
+    x64 = jax.config.jax_enable_x64
+    if model_wide and not x64:
+        raise DtypeError(
+            f"the model computes in float64 ({', '.join(model_wide[:3])}"
+            f"{', ...' if len(model_wide) > 3 else ''}) but JAX's 64-bit mode is off, so it would "
+            "silently run in float32. Turn it on (jax.config.update('jax_enable_x64', True), or "
+            "`with jax.enable_x64(True):` around building and calling the Explainer) to explain in "
+            "float64, or convert the model and inputs to float32 (model.float(), x.float())")
+    casts = wide(o for e in program.eqns for o in e.outputs)
+    if casts and not x64:
+        warnings.warn(f"the forward casts to float64 ({', '.join(casts[:3])}); with "
+                      "jax_enable_x64 off dlbjax computes these values in float32", stacklevel=3)
+    if not any(v.is_float or v in analysis.tokens for v in program.inputs):
+        raise DtypeError(
+            f"no input can carry relevance: the inputs {[v.name for v in program.inputs]} are "
+            f"{sorted({v.dtype for v in program.inputs})} tensors and none feeds an embedding "
+            "lookup, so every relevance would be 0. Relevance is defined for float inputs and for "
+            "token ids read by nn.Embedding; if the integers are numeric features, pass them as "
+            "floats (x.float()) and cast nothing inside forward")
+    return bool(model_wide)

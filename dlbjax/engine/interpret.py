@@ -1,0 +1,53 @@
+"""Run a :class:`~dlbjax.ir.Program` forward in JAX with the lowering table."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from dlbjax._dtypes import jnp_dtype
+from dlbjax._errors import InvalidProgramError, UnsupportedOp, UnsupportedOperationError
+from dlbjax.ir import Program, Var, substitute
+from dlbjax.lowerings import TABLE, call_lowering
+
+__all__ = ["evaluate", "constants_to_jax", "missing_lowerings"]
+
+
+def constants_to_jax(program: Program) -> dict[str, jnp.ndarray]:
+    """The program's constant values as JAX arrays (int64 -> int32 unless x64 is enabled)."""
+    out = {}
+    for var in program.constants:
+        value = program.const_values[var.name]
+        out[var.name] = jnp.asarray(np.asarray(value), dtype=jnp_dtype(var.dtype))
+    return out
+
+
+def missing_lowerings(program: Program) -> list[UnsupportedOp]:
+    seen, out = set(), []
+    for e in program.eqns:
+        if e.op not in TABLE and (e.op, e.source.module_path) not in seen:
+            seen.add((e.op, e.source.module_path))
+            out.append(UnsupportedOp(e.op, e.source.module_path, e.source.module_type,
+                                     "dlbjax has no forward lowering for this operator"))
+    return out
+
+
+def evaluate(program: Program, consts: Mapping[str, Any], inputs: Sequence[Any]) -> list:
+    """The program's outputs for ``inputs`` (one array per program input, in order)."""
+    missing = missing_lowerings(program)
+    if missing:
+        raise UnsupportedOperationError(missing)
+    env: dict[Var, Any] = {}
+    if len(inputs) != len(program.inputs):
+        raise InvalidProgramError(f"expected {len(program.inputs)} inputs, got {len(inputs)}")
+    for var, value in zip(program.inputs, inputs):
+        env[var] = value
+    for var in program.constants:
+        env[var] = consts[var.name]
+    for eqn in program.eqns:
+        outs = call_lowering(eqn, substitute(eqn.args, env), substitute(eqn.kwargs, env))
+        for var, value in zip(eqn.outputs, outs):
+            env[var] = value
+    return [env[v] for v in program.outputs]
