@@ -115,6 +115,12 @@ class Config:
                        router_relevance=self.router_relevance, method=DLB)
 
     def replace(self, **changes) -> "Config":
+        """A validated copy with ``changes``; an unknown option name raises TypeError."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise TypeError(f"unknown option{'s' if len(unknown) > 1 else ''} "
+                            f"{', '.join(map(repr, unknown))}; options are {sorted(known)}")
         return replace(self, **changes)
 
     def as_dict(self) -> dict:

@@ -143,6 +143,22 @@ class Explainer:
         """
         return self.plan.relevance_function()
 
+    def replace(self, **options) -> "Explainer":
+        """A new Explainer on the same imported model with some options changed, e.g.
+        ``ex.replace(mode="contrastive")`` or ``ex.replace(product_rule="dlb")``: the program is
+        re-analysed and the pass compiled anew, but the model is not exported again. Options that
+        change the imported program (``batch_axis``, ``compute_dtype``, ``buckets``) raise
+        ValueError, as does an Explainer with length buckets; this Explainer is unchanged."""
+        if self._bucketing is not None:
+            raise ValueError("replace() is not available with length buckets; build a new "
+                             "Explainer with the options")
+        config = self.config.replace(**options)
+        other = object.__new__(Explainer)
+        other.config, other._bucketing = config, None
+        other.plan = self.plan.replace(config)
+        other.runner = Runner(other.plan)
+        return other
+
     # ---- explaining ----------------------------------------------------------------------------
     def __call__(self, inputs: Any, target: Any = None) -> Explanation:
         if self._bucketing is not None:

@@ -50,7 +50,8 @@ class Plan:
     resolved, with ``task_error`` raised when seeds are first needed); ``out_size``: the entries a
     target indexes; ``consts``: constants as JAX arrays; ``mags``: precomputed |W|; ``moe_layers``:
     routed layers on the relevance path; ``x64``: the model computes in float64;
-    ``compute_dtype``: what half precision is computed in (None: unchanged).
+    ``compute_dtype``: what half precision is computed in (None: unchanged); ``model_name``: the
+    model's class name (task resolution).
     """
 
     config: Config
@@ -68,6 +69,18 @@ class Plan:
     moe_layers: tuple
     x64: bool
     compute_dtype: Optional[str]
+    model_name: str = ""
+
+    def replace(self, config: Config) -> "Plan":
+        """The same imported program under other options: re-analysed, re-seeded and with its
+        magnitudes recomputed, without exporting the model again. Options that change the
+        program itself (``batch_axis``, ``compute_dtype``, ``buckets``) raise ValueError."""
+        changed = [n for n in REIMPORT_OPTIONS if getattr(config, n) != getattr(self.config, n)]
+        if changed:
+            raise ValueError(f"{', '.join(changed)} change the imported program; build a new "
+                             "Explainer for them")
+        return _derive(config, self.program, self.input_names, self.row_specs,
+                       self.compute_dtype, self.model_name, self.consts)
 
     def check_task(self) -> Task:
         if self.task_error is not None:
@@ -164,7 +177,6 @@ def prepare(model: torch.nn.Module, example_inputs: Any, config: Config) -> Plan
     """Import, analyse and check ``model`` on ``example_inputs`` (module docstring)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    options = config.options
     bound = bind_inputs(model, example_inputs)
     _check_devices(model, bound)
     args, kwargs, _ = _row_slice(bound, config.batch_axis)
@@ -173,10 +185,24 @@ def prepare(model: torch.nn.Module, example_inputs: Any, config: Config) -> Plan
     # callers pass the model's own dtypes; half precision is computed in compute_dtype
     row_specs = tuple((v.name, tuple(v.shape), v.dtype) for v in program.inputs)
     program, compute_dtype = resolve_compute_dtype(program, config.compute_dtype)
+    return _derive(config, program, tuple(bound.names), row_specs, compute_dtype,
+                   type(model).__name__, None)
+
+
+# options that change the imported program itself; Plan.replace refuses them
+REIMPORT_OPTIONS = ("batch_axis", "compute_dtype", "buckets")
+
+
+def _derive(config: Config, program: Program, input_names: tuple, row_specs: tuple,
+            compute_dtype: Optional[str], model_name: str, consts: Optional[dict]) -> Plan:
+    """Everything of a Plan that follows from the imported program and the options
+    (``consts``: the JAX constants when already converted and checked)."""
+    options = config.options
     explained = _output_index(program, config.output)
     analysis = analyze(program, options, explained)
     analysis.raise_if_unsupported()
-    _check_constants(program)
+    if consts is None:
+        _check_constants(program)
     x64 = _check_dtypes(program, analysis)
     out_var = program.outputs[explained]
     # the task is needed to build seeds; an unresolvable task only fails when seeds are built
@@ -184,21 +210,22 @@ def prepare(model: torch.nn.Module, example_inputs: Any, config: Config) -> Plan
     task, task_error = None, None
     try:
         task = resolve_task(config.task, out_var.shape, 0 if config.batch_axis == 0 else None,
-                            type(model).__name__)
+                            model_name)
         if not task.contrastive and options.contrastive:
             raise TargetError("contrastive mode needs competing classes; it is not defined for "
                               f"{task.name} outputs (use mode='default')")
     except TargetError as exc:
         task, task_error = None, exc
-    consts = constants_to_jax(program)
+    if consts is None:
+        consts = constants_to_jax(program)
     mags = precompute_magnitudes(program, analysis, options, consts) \
         if config.precompute_magnitudes else {}
     moe = tuple(m for m in find_moe_layers(program) if m.weighted in analysis.carries)
-    return Plan(config=config, program=program, input_names=tuple(bound.names),
+    return Plan(config=config, program=program, input_names=input_names,
                 row_specs=row_specs, explained=explained, analysis=analysis, options=options,
                 task=task, task_error=task_error,
                 out_size=task.size(out_var.shape) if task else 0, consts=consts, mags=mags,
-                moe_layers=moe, x64=x64, compute_dtype=compute_dtype)
+                moe_layers=moe, x64=x64, compute_dtype=compute_dtype, model_name=model_name)
 
 
 def _output_index(program: Program, output) -> int:

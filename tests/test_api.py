@@ -258,3 +258,39 @@ def test_batch_axis_none_single_example():
 def test_progress_bar_batch(cnn_explainer):
     e = cnn_explainer.batch(torch.randn(5, 3, 12, 12), batch_size=2, progress=True)
     assert e.relevance["x"].shape[0] == 5
+
+
+def test_replace_equals_a_fresh_explainer_without_exporting_again(cnn, monkeypatch):
+    """Explainer.replace re-analyses the imported program under new options: the same relevance
+    as an Explainer built with them, no second export, and the original Explainer unchanged."""
+    x = torch.randn(4, 3, 12, 12, generator=torch.Generator().manual_seed(5))
+    ex = dlbjax.Explainer(cnn, x[:1])
+    before = ex(x)
+    import dlbjax._plan as plan_module
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("replace() exported the model again")
+
+    monkeypatch.setattr(plan_module, "import_bound", no_export)
+    for changes in ({"mode": "contrastive"}, {"multiplier": 7.0, "layers": True},
+                    {"product_rule": "dlb", "precompute_magnitudes": False}):
+        other = ex.replace(**changes)
+        assert other.config == ex.config.replace(**changes) and other.plan.program is ex.program
+        monkeypatch.undo()
+        fresh = dlbjax.Explainer(cnn, x[:1], **changes)
+        monkeypatch.setattr(plan_module, "import_bound", no_export)
+        got, want = other(x), fresh(x)
+        assert got.mode == want.mode and got.multiplier == want.multiplier
+        for k in want.relevance:
+            np.testing.assert_array_equal(got.relevance[k], want.relevance[k])
+        assert (got.layers is None) == (want.layers is None)
+    after = ex(x)
+    assert ex.mode == "default"
+    np.testing.assert_array_equal(after.relevance["x"], before.relevance["x"])
+    for bad in ({"compute_dtype": "float64"}, {"batch_axis": None}):
+        with pytest.raises(ValueError, match="new Explainer"):
+            ex.replace(**bad)
+    with pytest.raises(TypeError, match="unknown option 'mdoe'"):
+        ex.replace(mdoe="contrastive")
+    with pytest.raises(ValueError, match="mode must be"):
+        ex.replace(mode="sideways")

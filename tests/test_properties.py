@@ -88,7 +88,7 @@ def _ref_gate(g):
 def test_bias_free_conservation(spec, seed):
     """Bias-free dense/conv (ReLU or ungated), add, concat, pooling, reshape: Σ R_input = M (§7.2.2)."""
     ex, consts, x, _ = _setup(spec, seed)
-    logits = np.asarray(_run(spec, consts, x, [_onehot_seed(ex, 0)])[1]["prediction"]).reshape(-1)
+    logits = np.asarray(_run(spec, consts, x, [_onehot_seed(ex, 0)])[1].prediction).reshape(-1)
     t = int(np.argmax(logits))
     assume(abs(logits[t]) > 1e-3)  # the seeded unit has P + N > 0
     out = _run(spec, consts, x, [_onehot_seed(ex, t)])[1]
@@ -102,9 +102,9 @@ def test_linearity_in_the_seed(spec, seed, alpha, beta):
     ex, consts, x, rng = _setup(spec, seed)
     shape = ex.program.outputs[0].shape
     s1, s2 = np.abs(rng.normal(size=shape)), np.abs(rng.normal(size=shape))
-    r1 = _run(spec, consts, x, [s1])[1]["relevance"]["x"][0]
-    r2 = _run(spec, consts, x, [s2])[1]["relevance"]["x"][0]
-    r12 = _run(spec, consts, x, [alpha * s1 + beta * s2])[1]["relevance"]["x"][0]
+    r1 = _run(spec, consts, x, [s1])[1].relevance["x"][0]
+    r2 = _run(spec, consts, x, [s2])[1].relevance["x"][0]
+    r12 = _run(spec, consts, x, [alpha * s1 + beta * s2])[1].relevance["x"][0]
     _close(r12, alpha * np.asarray(r1) + beta * np.asarray(r2), scale=float(np.abs(r12).max()) + 1)
 
 
@@ -126,8 +126,8 @@ def test_non_negative_everywhere(spec, seed, mode):
 def test_scale_invariance_bias_free(spec, seed, c):
     ex, consts, x, _ = _setup(spec, seed)
     s = _onehot_seed(ex, 1)
-    r1 = np.asarray(_run(spec, consts, x, [s])[1]["relevance"]["x"][0])
-    r2 = np.asarray(_run(spec, consts, (c * x).astype(np.float32), [s])[1]["relevance"]["x"][0])
+    r1 = np.asarray(_run(spec, consts, x, [s])[1].relevance["x"][0])
+    r2 = np.asarray(_run(spec, consts, (c * x).astype(np.float32), [s])[1].relevance["x"][0])
     _close(r2, r1)
 
 
@@ -161,8 +161,8 @@ def test_permutation_equivariance(seed, depth, bias):
     permuted = dict(consts)
     permuted[first] = consts[first][:, perm]
     s = np.abs(rng.normal(size=ex.program.outputs[0].shape))
-    r = np.asarray(_run(spec, consts, x, [s])[1]["relevance"]["x"][0])
-    rp = np.asarray(_run(spec, permuted, x[:, perm], [s])[1]["relevance"]["x"][0])
+    r = np.asarray(_run(spec, consts, x, [s])[1].relevance["x"][0])
+    rp = np.asarray(_run(spec, permuted, x[:, perm], [s])[1].relevance["x"][0])
     np.testing.assert_allclose(rp, r[:, perm], rtol=1e-5, atol=1e-5)
 
 
@@ -191,7 +191,7 @@ def test_contrastive_equals_zplus_with_zero_negative_seed(seed, depth):
     spec = ("mlp", depth, 8, False)
     ex, consts, x, rng = _setup(spec, seed, mode="contrastive")
     logits = np.asarray(_run(spec, consts, x, [_onehot_seed(ex, 0), _onehot_seed(ex, 0, 0.0)],
-                             mode="contrastive")[1]["prediction"]).reshape(-1)
+                             mode="contrastive")[1].prediction).reshape(-1)
     t = int(np.argmax(logits))
     assume(logits[t] > 1e-3)
     out = _run(spec, consts, x, [_onehot_seed(ex, t), _onehot_seed(ex, t, 0.0)], mode="contrastive")[1]

@@ -33,18 +33,25 @@ def test_ops_table_is_current():
 
 
 def test_ops_table_covers_every_registered_op():
+    import re
+
     from dlbjax.rules import RULES
 
     table = _ops_table_module().ops_table()
-    missing = [op for op in RULES if f"`{op}`" not in table]
-    assert not missing
     body = table.splitlines()[2:]
-    assert len(body) == len({id(r) for r in RULES.values()})  # one row per Rule object
+    seen = []
     for row in body:
         cells = [c.strip() for c in row.strip("|").split(" | ")]
-        assert len(cells) == 4
-        assert cells[2] in {"affine", "route", "activation", "other"}
-        assert cells[3] in {"own rule", "per stream"}
+        assert len(cells) == 5
+        ops = re.findall(r"`([^`]+)`", cells[0])
+        assert ops and all(op in RULES for op in ops)
+        seen += ops
+        # one row per registration: the same rule functions and facts for every op in it
+        assert len({(RULES[op].default, RULES[op].contrastive, RULES[op].family) for op in ops}) == 1
+        assert cells[1] == RULES[ops[0]].family
+        assert cells[3] in {"affine", "route", "activation", "other"}
+        assert cells[4] in {"own rule", "per stream"}
+    assert sorted(seen) == sorted(RULES)  # every op of the default method, each exactly once
 
 
 def test_readme_has_the_fresh_machine_commands():

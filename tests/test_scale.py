@@ -168,7 +168,7 @@ def test_out_of_memory_is_split_into_chunks(mlp, data, monkeypatch):
     def broken(arrays, classes, select):
         raise jax.errors.JaxRuntimeError("INVALID_ARGUMENT: something else")
 
-    monkeypatch.setattr(ex, "_run", broken)
+    monkeypatch.setattr(ex.runner, "call", broken)
     with pytest.raises(jax.errors.JaxRuntimeError, match="INVALID_ARGUMENT"):
         ex(data)
 
