@@ -72,7 +72,7 @@ class Plan:
     model_name: str = ""
 
     def replace(self, config: Config) -> "Plan":
-        """The same imported program under other options: re-analysed, re-seeded and with its
+        """The same imported program under other options: re-analysed, its task resolved again, its
         magnitudes recomputed, without exporting the model again. Options that change the
         program itself (``batch_axis``, ``compute_dtype``, ``buckets``) raise ValueError."""
         changed = [n for n in REIMPORT_OPTIONS if getattr(config, n) != getattr(self.config, n)]
