@@ -295,7 +295,7 @@ def _recurrent(kind):
             r = Rs[i] if i < len(Rs) else None
             return _zeros(shape, dtype, contrastive) if r is None else _map(cast, r)
 
-        R_seq = external(0, x.shape)
+        R_seq = external(0, ctx.outputs[0].shape)  # the op's own layout (batch-first or not)
         R_seq = _map(lambda r: jnp.swapaxes(r, 0, 1), R_seq) if batch_first else R_seq
         R_fin = [external(1 + j, s.shape) for j, s in enumerate(states)]
         R_init, kept = [[] for _ in states], 0.0

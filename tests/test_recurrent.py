@@ -400,6 +400,68 @@ def test_initial_state_inputs_carry_relevance(kind):
                                  [("default", "dlb"), ("contrastive", "half")])
 
 
+class FinalState(nn.Module):
+    """The common classifier pattern ``_, (h_n, c_n) = rnn(x); head(h_n[-1])``: the output is the
+    last layer's final state (``which`` = 0 for h_n, 1 for c_n), both directions concatenated
+    when bidirectional; the output sequence is unused."""
+
+    def __init__(self, rnn, which=0):
+        super().__init__()
+        self.rnn, self.which = rnn, which
+
+    def forward(self, x):  # x [B, T, I] whatever the layer's layout
+        _, st = self.rnn(x if self.rnn.batch_first else x.transpose(0, 1))
+        s = st[self.which] if isinstance(st, tuple) else st
+        D = 2 if self.rnn.bidirectional else 1
+        return torch.cat([s[k] for k in range(s.shape[0] - D, s.shape[0])], dim=-1)
+
+
+FINAL_STATE_CONFIGS = [  # (kind, layers, bidirectional, batch_first, which)
+    ("lstm", 2, True, True, 1), ("lstm", 2, False, False, 0), ("gru", 2, True, False, 0),
+]
+
+
+@pytest.mark.parametrize("cfg", FINAL_STATE_CONFIGS, ids=lambda c: "-".join(map(str, c)))
+def test_heads_on_the_final_state_equal_the_reference(cfg):
+    """A batched model that reads only h_n (or c_n) of the last layer: per row, the relevance
+    equals the per-step reference seeded at those state positions (nothing at the sequence)."""
+    kind, layers, bidir, bf, which = cfg
+    rng = np.random.default_rng(len(kind) + 3 * layers + bidir + 2 * which)
+    with jax.enable_x64(True):
+        rnn = _rnn(kind, layers, bidir, True, bf, I=3, H=3, seed=4).double()
+        B, T, L, D, H = 2, 5, layers, 2 if bidir else 1, 3
+        x = rng.normal(size=(B, T, 3))
+        xt = torch.from_numpy(x)
+        ex = dlbjax.Explainer(FinalState(rnn, which), xt, task="regression")
+        with torch.no_grad():
+            np.testing.assert_allclose(ex(xt).prediction, FinalState(rnn, which)(xt).numpy(),
+                                       rtol=1e-12)
+        for mode, rule in [("default", "half"), ("contrastive", "dlb")]:
+            S = 2 if mode == "contrastive" else 1
+            f = jax.jit(_variant(ex, mode, rule).relevance_function())  # one compile per mode
+            for b in range(B):  # the pass of one row, in the row layout [1, ...]
+                seed = np.abs(rng.normal(size=(S, D * H)))
+                out = f(ex.constants, (jnp.asarray(x[b:b + 1]),),
+                        tuple(jnp.asarray(s[None]) for s in seed))
+                out = jax.tree_util.tree_map(np.asarray, out)
+                got = np.stack(out.relevance[ex.input_names[0]]).reshape(S, T, 3)
+                R_state = np.zeros((S, L * D, H))
+                R_state[:, (L - 1) * D:] = seed.reshape(S, D, H)
+                zero = np.zeros((S, L * D, H))
+                R_hn, R_cn = (R_state, zero) if which == 0 else (zero, R_state)
+                R_x, _, _, kept = Reference(S, rule).run(
+                    rnn, x[b], np.zeros((S, T, D * H)), R_hn, R_cn if kind == "lstm" else None,
+                    np.zeros((L * D, H)), np.zeros((L * D, H)), const_state=True)
+                np.testing.assert_allclose(got, R_x, rtol=1e-9, atol=1e-11,
+                                           err_msg=f"{mode} {rule} row {b}")
+                if mode == "default":
+                    assert R_x.sum() + kept == pytest.approx(seed.sum(), rel=1e-9)
+                    assert out.absorbed[0] == pytest.approx(kept, rel=1e-9, abs=1e-11)
+        # and the batched call agrees with the rows (the public path)
+        e = ex(xt)
+        assert np.isfinite(np.asarray(e.relevance[ex.input_names[0]])).all()
+
+
 # ------------------------------------------------------------------------------------------------
 # Conservation, padding, long sequences
 # ------------------------------------------------------------------------------------------------
