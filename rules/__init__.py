@@ -9,7 +9,7 @@ Adding an op is one ``register(...)`` call in ``rules/<family>.py`` beside its f
 ``dlbjax/lowerings/<family>.py`` (see ``_registry`` for the calling convention), plus one test
 case. Families: ``affine`` (dense, conv), ``pooling`` (pools and reductions), ``norm`` (norms,
 dropout), ``elementwise`` (add, products, activations), ``shape`` (exact index maps, casts,
-selection), ``embedding`` (lookups, bags), ``attention``, ``recurrent`` (LSTM, GRU), ``moe``
+selection), ``embedding`` (lookups, bags), ``attention``, ``recurrent`` (LSTM, GRU), ``resample`` (interpolation, pixel shuffle), ``moe``
 (top-k routing) and ``fused`` (fused modules). ``_math`` holds the shared unit formulas.
 """
 
@@ -18,13 +18,13 @@ from dlbjax._types import Streams
 from ._registry import (DLB, PER_STREAM, RULE_TABLE, RULES, GateSpec, Options, Rule, RuleContext,
                         RuleResult, get_rule, methods, register)
 from . import (affine, attention, elementwise, embedding, fused, moe, norm, pooling,  # noqa: F401
-               recurrent, shape)  # (populate the registry)
+               recurrent, resample, shape)  # (populate the registry)
 from ._math import (contrastive_coeffs, default_coeffs, gates, linear_operator_rule, unbroadcast,
                     unit_rule)
 from .elementwise import EXPERIMENTAL_GATES, GATES, product_shares
 
 FAMILIES = ("affine", "attention", "elementwise", "embedding", "fused", "moe", "norm", "pooling",
-            "recurrent", "shape")
+            "recurrent", "resample", "shape")
 
 __all__ = ["RULES", "RULE_TABLE", "Rule", "RuleContext", "RuleResult", "register", "get_rule",
            "methods", "DLB", "Streams", "GateSpec", "Options", "PER_STREAM", "GATES",

@@ -502,6 +502,63 @@ def test_pool(case):
 
 
 # ------------------------------------------------------------------------------------------------
+# Interpolation and pixel shuffle
+# ------------------------------------------------------------------------------------------------
+_LINEAR_FAMILY = {1: "upsample_linear1d", 2: "upsample_bilinear2d", 3: "upsample_trilinear3d"}
+
+
+def _resample_cases():
+    cases = []
+    shapes = {1: (2, 3, 5), 2: (2, 3, 4, 5), 3: (1, 2, 3, 4, 5)}
+    # (output_size, scale_factors) of the .vec overloads: up, down, fractional, exact doubling
+    plans = {1: [([9], None), ([3], None), (None, [2.0]), (None, [1.7]), (None, [0.6])],
+             2: [([7, 9], None), ([3, 2], None), (None, [2.0, 2.0]), (None, [1.5, 0.7]),
+                 ([4, 5], None)],
+             3: [([5, 7, 9], None), (None, [2.0, 1.5, 0.8]), ([2, 3, 3], None)]}
+    for nd, shape in shapes.items():
+        x = randn(*shape)
+        for size, sf in plans[nd]:
+            cases.append(Case(f"aten.upsample_nearest{nd}d.vec", x, size, sf))
+            cases.append(Case(f"aten._upsample_nearest_exact{nd}d.vec", x, size, sf))
+            for ac in (False, True):
+                if ac and sf is not None and size is None and nd == 3:
+                    continue
+                cases.append(Case(f"aten.{_LINEAR_FAMILY[nd]}.vec", x, size, ac, sf))
+        # .default overloads: output size plus optional per-axis scales
+        out = [2 * n for n in shape[2:]]
+        scales = [2.0] * nd
+        cases.append(Case(f"aten.upsample_nearest{nd}d.default", x, out))
+        cases.append(Case(f"aten.upsample_nearest{nd}d.default", x, [n + 3 for n in shape[2:]]))
+        cases.append(Case(f"aten.upsample_nearest{nd}d.default", x, out, *scales))
+        cases.append(Case(f"aten._upsample_nearest_exact{nd}d.default", x,
+                          [n + 3 for n in shape[2:]]))
+        cases.append(Case(f"aten.{_LINEAR_FAMILY[nd]}.default", x, out, False, *scales))
+        cases.append(Case(f"aten.{_LINEAR_FAMILY[nd]}.default", x, [n + 1 for n in shape[2:]], True))
+    x = randn(2, 3, 6, 7)
+    for op in ("upsample_bicubic2d", "_upsample_bilinear2d_aa", "_upsample_bicubic2d_aa"):
+        for size, sf in [([9, 11], None), ([3, 2], None), ([4, 5], None), (None, [1.5, 0.6]),
+                         (None, [2.0, 2.0]), ([1, 1], None)]:
+            for ac in (False, True):
+                cases.append(Case(f"aten.{op}.vec", x, size, ac, sf))
+        cases.append(Case(f"aten.{op}.default", x, [12, 14], False, 2.0, 2.0))
+        cases.append(Case(f"aten.{op}.default", x, [5, 3], True))
+    cases.append(Case("aten.upsample_bilinear2d.vec", randn(1, 2, 3, 4).astype(np.float64),
+                      None, False, [1.7, 2.3]))
+    cases.append(Case("aten.upsample_nearest2d.vec", randn(1, 2, 3, 4).astype(np.float64),
+                      None, [1.7, 2.3]))
+    cases.append(Case("aten.pixel_shuffle.default", randn(2, 8, 3, 4), 2))
+    cases.append(Case("aten.pixel_shuffle.default", randn(9, 2, 3), 3))
+    cases.append(Case("aten.pixel_unshuffle.default", randn(2, 2, 6, 4), 2))
+    cases.append(Case("aten.pixel_unshuffle.default", randn(1, 3, 2, 9, 6), 3))
+    return cases
+
+
+@pytest.mark.parametrize("case", group(_resample_cases()))
+def test_resample(case):
+    run_case(case)
+
+
+# ------------------------------------------------------------------------------------------------
 # Normalisation
 # ------------------------------------------------------------------------------------------------
 def _norm_cases():

@@ -8,7 +8,7 @@ dlbjax's code:
   torch's autograd VJP of the same ATen op (spec §4.3, §4.5);
 * max pools and max reductions: on tie-free inputs the winner takes all, which is torch's VJP
   (§4.2, §8.6);
-* affine ops, average pools and mean/sum reductions: the dense rule of the op's explicit matrix
+* affine ops, average pools, mean/sum reductions and interpolation: the dense rule of the op's explicit matrix
   (built column by column with torch), per unit in float64 (``reference.py``; §2.1, §2.6, §3.2,
   §8.7), in default and contrastive mode;
 * identities (activations, norms, dropout, softmax): the relevance passes to the first operand;
@@ -60,7 +60,8 @@ DIRECT = {"aten.add.Tensor", "aten.add.Scalar", "aten.sub.Tensor", "aten.sub.Sca
           "aten.div.Tensor", "aten.div.Scalar", "aten.embedding.default", FUSED_OP}
 MAX_OPS = {op for op in RULES if "max_pool" in op or op in ("aten.max.dim", "aten.amax.default")}
 LINEAR_OPS = {op for op, r in RULES.items() if r.affine} | {
-    op for op in RULES if "avg_pool" in op or op.startswith(("aten.mean.", "aten.sum."))}
+    op for op in RULES if "avg_pool" in op or op.startswith(("aten.mean.", "aten.sum."))} | {
+    op for op, r in RULES.items() if r.family == "resample" and r.default is not route}
 ROUTE_OPS = {op for op, r in RULES.items() if r.default is route}
 IDENTITY_OPS = {op for op, r in RULES.items() if r.default is identity}
 
@@ -273,7 +274,12 @@ def _matrix_and_bias(case, pos):
         e = torch.zeros(x.numel(), dtype=x.dtype)
         e[i] = 1
         cols.append((f(e.reshape(x.shape)).reshape(-1) - zero).numpy())
-    return np.stack(cols, axis=1), zero.numpy(), x.numpy().reshape(-1)
+    M = np.stack(cols, axis=1)
+    if RULES[case.op].family == "resample":
+        # torch's interpolation kernels leave rounding dust (~1e-8) where a weight is exactly 0;
+        # the rule reads the exact taps (dlbjax.lowerings.resample.DUST)
+        M = np.where(np.abs(M) < 1e-6, 0.0, M)
+    return M, zero.numpy(), x.numpy().reshape(-1)
 
 
 @pytest.mark.parametrize("case", LINEAR_CASES, ids=_ids(LINEAR_CASES))

@@ -5,8 +5,8 @@ needs (``keep_whole`` for the exporter, :class:`Kind` flags for the analysis); `
 holds the relevance rules of the same operators. Families: ``affine`` (dense, matmul, conv),
 ``pooling`` (pools and reductions), ``norm`` (norms, dropout), ``elementwise`` (activations,
 arithmetic, comparisons), ``shape`` (index maps, casts, selection), ``embedding``, ``attention``,
-``recurrent``, ``moe`` (top-k routing), ``fused`` (fused modules) and ``creation`` (constants; no
-rules). ``windows`` holds the pooling index tables shared with the rules.
+``recurrent``, ``resample`` (interpolation, pixel shuffle), ``moe`` (top-k routing), ``fused``
+(fused modules) and ``creation`` (constants; no rules). ``windows`` holds the pooling index tables shared with the rules.
 
 >>> from dlbjax.lowerings import TABLE, Kind
 >>> TABLE["aten.linear.default"].keep_whole
@@ -19,10 +19,10 @@ from ._common import HIGHEST, reduce_axes
 from ._table import (LOWERINGS, TABLE, Kind, Lowering, call_lowering, get_lowering, is_kind,
                      keep_whole_ops, lowering, ops_of_kind, register_lowering)
 from . import (affine, attention, creation, elementwise, embedding, fused, moe, norm,  # noqa: F401
-               pooling, recurrent, shape)  # (populate the table)
+               pooling, recurrent, resample, shape)  # (populate the table)
 
 FAMILIES = ("affine", "attention", "creation", "elementwise", "embedding", "fused", "moe", "norm",
-            "pooling", "recurrent", "shape")
+            "pooling", "recurrent", "resample", "shape")
 
 __all__ = ["LOWERINGS", "TABLE", "Kind", "Lowering", "lowering", "register_lowering",
            "get_lowering", "is_kind", "ops_of_kind", "keep_whole_ops", "call_lowering", "HIGHEST",
