@@ -1,5 +1,7 @@
 """Exact index maps (spec §4.3, §4.5, §9.12): reshape, permute, slice, select, expand, cat, split,
-pad, gather/index with constant indices, where/masked_fill.
+pad, gather/index with constant indices, where/masked_fill, slice/select scatter (the written
+region's relevance goes to the source, the rest to the tensor written into) and ``copy`` (all of
+it to the source, which the destination's old values do not reach).
 
 All these ops are linear in their relevance-carrying operands with 0/1 coefficients, and their
 transpose is the exact inverse index map: reshape back, inverse permutation, scatter-add into zeros
@@ -89,7 +91,8 @@ register(
     "aten.alias_copy.default", "aten.contiguous.default", "aten.detach.default",
     "aten.lift_fresh_copy.default", "aten.constant_pad_nd.default", "aten.repeat.default",
     "aten.flip.default", "aten.roll.default", "aten.narrow.default", "aten.index_select.default",
-    "aten.index.Tensor", "aten.gather.default",
+    "aten.index.Tensor", "aten.gather.default", "aten.slice_scatter.default",
+    "aten.select_scatter.default", "aten.copy.default",
     default=route, route=True, section="§4.3, §4.5, §9.12")
 
 # dtype casts and where-style selection: exact routing too, but never for token ids

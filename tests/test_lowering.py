@@ -591,6 +591,13 @@ def _norm_cases():
         cases.append(Case("aten.group_norm.default", x, g, randn(c), randn(c), 1e-5, True))
         cases.append(Case("aten.group_norm.default", x, g))
     cases.append(Case("aten.group_norm.default", randn(2, 6), 2, None, randn(6), 1e-2))
+    x = randn(2, 3, 4)
+    for ord_, dim, keep in [(2, [-1], True), (2, None, False), (1, [0, 2], False),
+                            (float("inf"), [1], True), (float("-inf"), [1], False), (0, [2], False),
+                            (3.5, [-1], False), (2, [], False)]:
+        cases.append(Case("aten.linalg_vector_norm.default", x, ord_, dim, keep))
+    cases.append(Case("aten.linalg_vector_norm.default", x.astype(np.float16), 2, [-1], False,
+                      dtype=torch.float32))
     return cases
 
 
@@ -782,6 +789,12 @@ def _binary_cases():
         Case("aten.remainder.Scalar", num, -1.5),
         Case("aten.remainder.Scalar", randint(-20, 20, 3, 8), 7),
         Case("aten.remainder.Scalar", randint(-20, 20, 3, 8), -3),
+        Case("aten.fmod.Tensor", num, den),
+        Case("aten.fmod.Tensor", randint(-20, 20, 3, 8), randint(1, 6, 8) * RNG.choice([-1, 1], 8)),
+        Case("aten.fmod.Scalar", num, 1.5),
+        Case("aten.fmod.Scalar", num, -1.5),
+        Case("aten.fmod.Scalar", randint(-20, 20, 3, 8), 7),
+        Case("aten.fmod.Scalar", randint(-20, 20, 3, 8), -3),
         Case("aten.maximum.default", a, b),
         Case("aten.minimum.default", a, c),
         Case("aten.maximum.default", ia, ib),
@@ -1028,6 +1041,15 @@ def _shape_cases():
         Case("aten.flip.default", x, [0]),
         Case("aten.flip.default", x, [-1, 1]),
         Case("aten.flip.default", x, []),
+        Case("aten.slice_scatter.default", x, randn(2, 2, 4), 1, 1, 3),
+        Case("aten.slice_scatter.default", x, randn(2, 3, 2), -1, 0, BIG, 2),
+        Case("aten.slice_scatter.default", x, randn(1, 3, 4), 0, -1),
+        Case("aten.slice_scatter.default", x, x.copy()),
+        Case("aten.select_scatter.default", x, randn(2, 4), 1, 2),
+        Case("aten.select_scatter.default", x, randn(3, 4), 0, -1),
+        Case("aten.copy.default", x, randn(2, 3, 4)),
+        Case("aten.copy.default", x, randn(3, 1)),
+        Case("aten.copy.default", randint(0, 5, 3, 4), randn(3, 4)),
         Case("aten.roll.default", x, [2]),
         Case("aten.roll.default", x, [-5]),
         Case("aten.roll.default", x, [1], [1]),

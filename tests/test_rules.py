@@ -165,11 +165,20 @@ def _ids(cases):
 
 # torch ops whose VJP is the reference of another op's rule: detach is the identity for
 # relevance (a value-preserving copy), while torch's gradient stops there by design
-VJP_REFERENCE = {"aten.detach.default": "aten.alias.default"}
+# ops whose torch form has no derivative: an equivalent torch function to differentiate
+VJP_REFERENCE = {
+    "aten.detach.default": "aten.alias.default",
+    # aten::copy has no autograd formula; the functional copy_ is src broadcast into self's shape
+    "aten.copy.default": lambda self, src, non_blocking=False: (
+        src.expand(self.shape).to(self.dtype) + 0 * self),
+}
 
 
 def _reference_op(op):
-    return L.resolve(VJP_REFERENCE.get(op, op)) or L.resolve(L.REF_ALIASES[op])
+    ref = VJP_REFERENCE.get(op, op)
+    if callable(ref):
+        return ref
+    return L.resolve(ref) or L.resolve(L.REF_ALIASES[op])
 
 
 def _torch_vjp(case, R_outs):

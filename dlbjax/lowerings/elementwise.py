@@ -181,6 +181,12 @@ def remainder(self, other):
     return jnp.remainder(self, other)
 
 
+@lowering("aten.fmod.Tensor", "aten.fmod.Scalar")
+def fmod(self, other):
+    """C's fmod: the remainder takes the sign of the dividend (remainder: of the divisor)."""
+    return jnp.fmod(self, other)
+
+
 @lowering("aten.maximum.default")
 def maximum(self, other):
     return jnp.maximum(self, other)

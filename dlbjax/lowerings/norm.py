@@ -6,6 +6,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
+from dlbjax._dtypes import jnp_dtype
+
 from ._table import Kind, lowering
 
 
@@ -88,3 +90,32 @@ def dropout(input, p, train):
     if train:
         raise NotImplementedError("dropout in training mode")
     return input
+
+
+# ------------------------------------------------------------------------------------------------
+# Vector norms (F.normalize, torch.linalg.vector_norm): a normalisation statistic
+# ------------------------------------------------------------------------------------------------
+@lowering("aten.linalg_vector_norm.default", keep_whole=True, kinds=Kind.STATISTIC)
+def linalg_vector_norm(self, ord=2, dim=None, keepdim=False, *, dtype=None):
+    """||x||_ord over ``dim`` (all axes when None). Kept whole and flagged as a statistic: like
+    layer norm's variance (spec §9.4) its branch carries no relevance, so ``x / ||x||``
+    (``F.normalize``, cosine attention) passes relevance through the numerator only."""
+    x = self if dtype is None else self.astype(jnp_dtype(dtype))
+    x = x.astype(jnp.result_type(x.dtype, jnp.float32))
+    axes = None if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0) else (
+        tuple(d % self.ndim for d in ([dim] if isinstance(dim, int) else dim)))
+    a = jnp.abs(x)
+    ord = float(ord)
+    if ord == float("inf"):
+        out = jnp.max(a, axis=axes, keepdims=keepdim)
+    elif ord == float("-inf"):
+        out = jnp.min(a, axis=axes, keepdims=keepdim)
+    elif ord == 0:
+        out = jnp.sum((a != 0).astype(a.dtype), axis=axes, keepdims=keepdim)
+    elif ord == 1:
+        out = jnp.sum(a, axis=axes, keepdims=keepdim)
+    elif ord == 2:
+        out = jnp.sqrt(jnp.sum(a * a, axis=axes, keepdims=keepdim))
+    else:
+        out = jnp.sum(a ** ord, axis=axes, keepdims=keepdim) ** (1.0 / ord)
+    return out.astype(self.dtype if dtype is None else jnp_dtype(dtype))

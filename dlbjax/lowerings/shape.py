@@ -103,6 +103,30 @@ def slice_(self, dim=0, start=None, end=None, step=1):
     return self[tuple(idx)]
 
 
+@lowering("aten.slice_scatter.default")
+def slice_scatter(self, src, dim=0, start=None, end=None, step=1):
+    """self with the slice ``[start:end:step]`` along ``dim`` replaced by src."""
+    d = _dim(dim, self.ndim)
+    idx = [slice(None)] * self.ndim
+    idx[d] = slice(start, end, step)
+    return self.at[tuple(idx)].set(src.astype(self.dtype))
+
+
+@lowering("aten.select_scatter.default")
+def select_scatter(self, src, dim, index):
+    """self with entry ``index`` along ``dim`` replaced by src."""
+    d = _dim(dim, self.ndim)
+    idx = [slice(None)] * self.ndim
+    idx[d] = index
+    return self.at[tuple(idx)].set(src.astype(self.dtype))
+
+
+@lowering("aten.copy.default")
+def copy(self, src, non_blocking=False):
+    """The functional form of ``self.copy_(src)``: src broadcast to self's shape, in self's dtype."""
+    return jnp.broadcast_to(src, self.shape).astype(self.dtype)
+
+
 @lowering("aten.select.int", "aten.select_copy.int")
 def select(self, dim, index):
     return jnp.take(self, index, axis=_dim(dim, self.ndim))
