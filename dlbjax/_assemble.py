@@ -18,6 +18,7 @@ from ._result import Conservation, Explanation
 from ._runner import Runner
 from ._types import Streams
 from ._views import layer_flow
+from .engine.origins import constant_slots
 from .engine.relevance import RowResult
 
 __all__ = ["explain_rows", "assemble"]
@@ -73,10 +74,15 @@ def assemble(plan: Plan, raw: RowResult, n: int, dataset: bool = False,
     seed = per_stream(raw.seed)
     inputs_total = per_stream(raw.input_total)
     bias = per_stream(raw.absorbed)
+    names, _ = constant_slots(plan.program, plan.analysis, plan.options.method)
+    cmat = np.asarray(raw.constants) if raw.constants is not None else np.zeros((n, 1, 0))
+    constants = {name: (Streams(cmat[:, 0, k], cmat[:, 1, k]) if contrastive else cmat[:, 0, k])
+                 for k, name in enumerate(names)}
+    params = per_stream(cmat.sum(axis=-1))
     if contrastive:
-        lost = Streams(*(s - i - b for s, i, b in zip(seed, inputs_total, bias)))
+        lost = Streams(*(s - i - b - p for s, i, b, p in zip(seed, inputs_total, bias, params)))
     else:
-        lost = seed - inputs_total - bias
+        lost = seed - inputs_total - bias - params
     experts = [_expert_relevance(m, raw, contrastive) for m in plan.moe_layers] or None
     layers = None
     if plan.config.layers:
@@ -99,11 +105,11 @@ def assemble(plan: Plan, raw: RowResult, n: int, dataset: bool = False,
     if layers:
         flow = layer_flow(plan.program, layers)
     return Explanation(relevance=relevance, prediction=pred, target=target,
-                       conservation=Conservation(seed, inputs_total, bias, lost),
+                       conservation=Conservation(seed, inputs_total, bias, lost, params),
                        mode=plan.config.mode, task=plan.task.name if plan.task else None,
                        multiplier=plan.config.multiplier,
                        outputs=outputs, layers=layers, experts=experts, inputs=kept,
-                       flow=flow)
+                       flow=flow, constants=constants)
 
 
 def _expert_relevance(layer, raw: RowResult, contrastive: bool) -> dict:

@@ -129,8 +129,9 @@ def _flatten(e) -> dict[tuple, np.ndarray]:
         put(("relevance", name), r)
     put(("prediction",), e.prediction)
     put(("target",), e.target)
-    for f in ("seed", "inputs", "bias", "lost"):
-        put(("conservation", f), getattr(e.conservation, f))
+    for f in ("seed", "inputs", "bias", "lost", "params"):
+        if getattr(e.conservation, f) is not None:
+            put(("conservation", f), getattr(e.conservation, f))
     for name, r in (e.layers or {}).items():
         put(("layers", name), r)
     return out
@@ -156,7 +157,8 @@ def _unflatten(fields: dict[tuple, np.ndarray], meta: dict):
     return Explanation(relevance=group("relevance"), prediction=get(("prediction",)),
                        target=get(("target",)),
                        conservation=Conservation(*(get(("conservation", f))
-                                                   for f in ("seed", "inputs", "bias", "lost"))),
+                                                   for f in ("seed", "inputs", "bias", "lost",
+                                                             "params"))),
                        mode=meta["mode"], task=meta["task"], multiplier=meta["multiplier"],
                        outputs={}, layers=layers)
 

@@ -22,33 +22,44 @@ __all__ = ["Explanation", "Conservation", "load_explanation"]
 
 @dataclass
 class Conservation:
-    """Per-row relevance budget: ``seed = inputs + bias + lost``.
+    """Per-row relevance budget: ``seed = inputs + bias + params + lost``.
 
     ``seed``: total seeded relevance; ``inputs``: total at the model inputs; ``bias``: total kept by
-    biases and constant addends (dropped from the explanation, spec §2.5); ``lost``: the remainder
-    (units with D = 0, gated-off one-sided units, outputs that are constants, T = 0 in contrastive
-    mode). In contrastive mode each field is a Streams pair of per-row arrays.
+    biases and constant addends (dropped from the explanation, spec §2.5); ``params``: total at the
+    learned tensors and constants that index maps copy into the stream (a class token, register
+    tokens, padding values; per tensor in ``Explanation.constants``); ``lost``: the remainder, what
+    the rules did not pass on (units with D = 0, gated-off one-sided units, T = 0 in contrastive
+    mode). In contrastive mode each field is a Streams pair of per-row arrays. ``params`` is None
+    for explanations saved before it existed (read as 0).
     """
 
     seed: Any
     inputs: Any
     bias: Any
     lost: Any
+    params: Any = None
 
     def __str__(self) -> str:
-        def rows(name, s, i, b, l):
-            lines = [f"{name:>8} {'row':>4} {'seed':>12} {'inputs':>12} {'bias':>12} {'lost':>12}"]
+        def rows(name, s, i, b, p, l):
+            lines = [f"{name:>8} {'row':>4} {'seed':>12} {'inputs':>12} {'bias':>12} "
+                     f"{'params':>12} {'lost':>12}"]
             for r in range(len(s)):
-                lines.append(f"{'':>8} {r:>4} {s[r]:12.5f} {i[r]:12.5f} {b[r]:12.5f} {l[r]:12.5f}")
+                lines.append(f"{'':>8} {r:>4} {s[r]:12.5f} {i[r]:12.5f} {b[r]:12.5f} "
+                             f"{p[r]:12.5f} {l[r]:12.5f}")
             return lines
+
+        def params(k):
+            if self.params is None:
+                return [0.0] * len(getattr(self.seed, k) if k else self.seed)
+            return getattr(self.params, k) if k else self.params
         if isinstance(self.seed, Streams):
             out = rows("positive", self.seed.positive, self.inputs.positive, self.bias.positive,
-                       self.lost.positive)
+                       params("positive"), self.lost.positive)
             neg = rows("negative", self.seed.negative, self.inputs.negative, self.bias.negative,
-                       self.lost.negative)[1:]
+                       params("negative"), self.lost.negative)[1:]
             out += [("negative" + line[8:]) if i == 0 else line for i, line in enumerate(neg)]
             return "\n".join(out)
-        return "\n".join(rows("", self.seed, self.inputs, self.bias, self.lost))
+        return "\n".join(rows("", self.seed, self.inputs, self.bias, params(None), self.lost))
 
 
 @dataclass
@@ -82,6 +93,9 @@ class Explanation:
     # by dlbjax._views.layer_flow(program, layers) (used by plot_graph)
     inputs: Optional[dict] = None
     flow: Optional[dict] = None
+    # learned tensor / constant name -> per-row relevance it received through an index map
+    # (sums to conservation.params; Streams pairs in contrastive mode)
+    constants: Optional[dict] = None
 
     def __repr__(self) -> str:
         shapes = {k: (tuple(v.positive.shape) if isinstance(v, Streams) else tuple(v.shape))

@@ -7,7 +7,8 @@ class builds itself (:meth:`dlbjax.Explanation.load`). Layout of the file
     relevance/<input>                  an input's relevance (default mode)
     relevance/<input>/positive         ... and /negative: a Streams pair (contrastive mode)
     prediction, target
-    conservation/seed|inputs|bias|lost (each possibly .../positive and .../negative)
+    conservation/seed|inputs|bias|lost|params (each possibly .../positive and .../negative)
+    constants/<name>                   relevance at each learned tensor / constant (its per-row total)
     outputs/<name>                     every model output
     layers/<module path>/<variable>    layers=True
     experts/<i>/per_expert             MoE layers (and experts/<i>/per_token)
@@ -40,6 +41,7 @@ FORMAT = "dlbjax-explanation"
 VERSION = 1
 META_KEY = "__dlbjax__"
 _STREAMS = ("positive", "negative")
+_CONSERVATION = ("seed", "inputs", "bias", "lost", "params")
 
 
 def _version() -> str:
@@ -85,8 +87,10 @@ def save_explanation(explanation, path) -> str:
         put("relevance", str(name), r)
     put("prediction", None, e.prediction)
     put("target", None, e.target)
-    for f in ("seed", "inputs", "bias", "lost"):
+    for f in _CONSERVATION:
         put("conservation", f, getattr(e.conservation, f))
+    for name, r in (getattr(e, "constants", None) or {}).items():
+        put("constants", str(name), r)
     for name, o in (e.outputs or {}).items():
         put("outputs", str(name), o)
     for name, r in (e.layers or {}).items():
@@ -112,7 +116,8 @@ def save_explanation(explanation, path) -> str:
         "streams": sorted({f"{g}/{n}" if n is not None else g
                            for _, g, n, s in entries if s is not None}),
         "has": {"layers": e.layers is not None, "outputs": e.outputs is not None,
-                "inputs": inputs is not None},
+                "inputs": inputs is not None,
+                "constants": getattr(e, "constants", None) is not None},
         "experts": experts_meta,
         "flow": None if flow is None else {"order": list(flow["order"]),
                                            "edges": [list(x) for x in flow["edges"]]},
@@ -131,7 +136,7 @@ def save_explanation(explanation, path) -> str:
 
 def read_fields(path) -> dict:
     """The fields of an Explanation written by :func:`save_explanation`, as keyword arguments of
-    ``Explanation`` (``conservation`` as the tuple (seed, inputs, bias, lost)); no pickle:
+    ``Explanation`` (``conservation`` as the tuple (seed, inputs, bias, lost, params)); no pickle:
     ``allow_pickle=False``. :meth:`dlbjax.Explanation.load` builds the object from them."""
     path = os.fspath(path)
     if not os.path.exists(path) and os.path.exists(path + ".npz"):
@@ -177,13 +182,13 @@ def read_fields(path) -> dict:
     return dict(
         relevance=group("relevance"), prediction=group("prediction").get(None),
         target=group("target").get(None),
-        conservation=tuple(cons.get(f) for f in ("seed", "inputs", "bias", "lost")),
+        conservation=tuple(cons.get(f) for f in _CONSERVATION),
         mode=meta["mode"], task=meta["task"], multiplier=meta["multiplier"],
         outputs=group("outputs") if has.get("outputs", True) else None,
         layers=group("layers") if has.get("layers") else None,
         experts=experts,
         inputs=group("inputs") if has.get("inputs") else None,
-        flow=flow)
+        flow=flow, constants=group("constants") if has.get("constants") else None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -219,7 +224,7 @@ def explanations_equal(a, b) -> bool:
         va, vb = getattr(a, f.name), getattr(b, f.name)
         if f.name == "conservation":
             if not all(_equal(getattr(va, g), getattr(vb, g))
-                       for g in ("seed", "inputs", "bias", "lost")):
+                       for g in _CONSERVATION):
                 return False
         elif f.name == "multiplier":
             if float(va) != float(vb):

@@ -42,9 +42,28 @@ def _get(args, path):
     return v[path[1]] if len(path) == 2 else v
 
 
+def _constant_paths(args, carries):
+    """Float array operands that carry no relevance (constants copied into the output)."""
+    paths = []
+    for i, a in enumerate(args):
+        c = carries[i] if i < len(carries) else False
+        if isinstance(a, (list, tuple)):
+            cs = c if isinstance(c, (list, tuple)) else [False] * len(a)
+            paths += [(i, j) for j, (x, cj) in enumerate(zip(a, cs)) if not cj and _is_float(x)]
+        elif not c and _is_float(a):
+            paths.append((i,))
+    return paths
+
+
+def _is_float(x) -> bool:
+    return hasattr(x, "dtype") and hasattr(x, "shape") and jnp.issubdtype(x.dtype, jnp.floating)
+
+
 def route(ctx, R, *args, **kwargs):
-    """VJP of the forward lowering with respect to the relevance-carrying operands."""
-    paths = _carry_paths(ctx.carries)
+    """VJP of the forward lowering with respect to the relevance-carrying operands, and to the
+    float constants it copies into its output (a class token concatenated into the stream): the
+    engine books those under the constant's name (``dlbjax.engine.origins``)."""
+    paths = _carry_paths(ctx.carries) + _constant_paths(args, ctx.carries)
     fn = LOWERINGS[ctx.op]
     points = []
     for p in paths:

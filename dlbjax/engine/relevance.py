@@ -24,6 +24,7 @@ from dlbjax._dtypes import jnp_dtype, relevance_dtype
 from dlbjax._errors import InvalidProgramError
 from dlbjax._types import Streams
 from dlbjax.engine.analysis import Analysis
+from dlbjax.engine.origins import FILL, FILL_OPS, constant_slots
 from dlbjax.ir import Eqn, Program, Var, substitute
 from dlbjax.lowerings import call_lowering
 from dlbjax.rules import PER_STREAM, GateSpec, Options, RuleContext, RuleResult, get_rule
@@ -39,7 +40,9 @@ class RowResult(NamedTuple):
     that carry none); ``absorbed``: [streams] relevance kept by biases and constants; ``seed``:
     [streams] seeded totals; ``input_total``: [streams] totals at the inputs; ``layers``: variable
     name -> per-stream relevance (with ``layers=True`` or taps); ``probes``: forward values of
-    requested variables (MoE router indices)."""
+    requested variables (MoE router indices); ``constants``: [streams, K] relevance at the
+    learned tensors and constants that index maps copy into the stream, in the order of
+    ``dlbjax.engine.origins.constant_slots`` (K may be 0)."""
 
     outputs: tuple
     prediction: Any
@@ -50,6 +53,7 @@ class RowResult(NamedTuple):
     input_total: Any
     layers: Optional[dict] = None
     probes: Optional[dict] = None
+    constants: Any = None
 
 # ------------------------------------------------------------------------------------------------
 # Values in the environment
@@ -165,6 +169,42 @@ def _total(kept):
     return zero if kept is None else zero + jnp.sum(kept)
 
 
+def _constant_totals(psink, results, slots, fill, R_out, n_streams):
+    """[streams, constants]: each stream's relevance at the constant operands (and fills)."""
+    out = jnp.zeros(psink.shape, psink.dtype)
+    given = [jnp.zeros((), psink.dtype) for _ in range(n_streams)]
+    for path, col in slots.items():
+        r = results[path[0]] if path[0] < len(results) else None
+        if r is not None and len(path) == 2:
+            r = r[path[1]]
+        for s in range(n_streams):
+            g = _stream(r, s, n_streams)
+            if g is not None:
+                t = jnp.sum(g).astype(psink.dtype)
+                out = out.at[s, col].add(t)
+                given[s] = given[s] + t
+    if fill is not None:
+        # the output's relevance that reached no operand sat on the written numbers
+        for s in range(n_streams):
+            total = sum(jnp.sum(_stream(r, s, n_streams)).astype(psink.dtype)
+                        for r in R_out if r is not None)
+            passed = sum(jnp.sum(_stream(r, s, n_streams)).astype(psink.dtype)
+                         for r in _leaves(results) if r is not None)
+            out = out.at[s, fill].add(total - passed)
+    return out
+
+
+def _leaves(results):
+    """The relevance arrays (or Streams) of a rule's per-argument results, lists flattened."""
+    out = []
+    for r in results:
+        if isinstance(r, (list, tuple)) and not isinstance(r, Streams):
+            out.extend(_leaves(r))
+        else:
+            out.append(r)
+    return out
+
+
 def _zip_streams(a, b):
     if a is None and b is None:
         return None
@@ -174,8 +214,13 @@ def _zip_streams(a, b):
 
 
 def _relevance_call(eqn: Eqn, index: int, env: dict, an: Analysis, options: Options, sink,
-                    n_streams: int, magnitudes: Optional[dict] = None) -> tuple:
-    """Apply one relevance-carrying equation through a custom_vjp wrapping its rule."""
+                    n_streams: int, magnitudes: Optional[dict] = None, psink=None,
+                    slots: Optional[dict] = None, fill: Optional[int] = None) -> tuple:
+    """Apply one relevance-carrying equation through a custom_vjp wrapping its rule.
+
+    ``psink`` [streams, constants] collects the relevance the rule gives to the float constants
+    at ``slots`` (argument path -> column) and, for an index map that writes Python numbers,
+    the rest of its output's relevance in column ``fill`` (``dlbjax.engine.origins``)."""
     rule = get_rule(eqn.op, options.method)
     gate: Optional[GateSpec] = an.gates.get(index)
     info = an.info.get(index, {})
@@ -185,6 +230,8 @@ def _relevance_call(eqn: Eqn, index: int, env: dict, an: Analysis, options: Opti
     spec_args = [flat.encode(a) for a in args_val]
     spec_kwargs = flat.encode(kwargs_val)
     sink_idx = flat.push(sink)
+    slots = slots or {}
+    psink_idx = flat.push(psink) if psink is not None and (slots or fill is not None) else None
     # precomputed |constant| operands (dlbjax._magnitudes), handed to the rule as ctx.magnitudes
     mag_idx = {p: flat.push(magnitudes[a.name]) for p, a in enumerate(eqn.args)
                if magnitudes and isinstance(a, Var) and a.name in magnitudes}
@@ -264,6 +311,9 @@ def _relevance_call(eqn: Eqn, index: int, env: dict, an: Analysis, options: Opti
         for spec, r in zip(spec_args, results):
             assign(spec, r)
         grads[sink_idx] = jnp.stack([jnp.asarray(a, leaves[sink_idx].dtype) for a in absorbed])
+        if psink_idx is not None:
+            grads[psink_idx] = _constant_totals(leaves[psink_idx], results, slots, fill, R_out,
+                                                n_streams)
         return tuple(grads)
 
     op.defvjp(op_fwd, op_bwd)
@@ -311,8 +361,14 @@ def relevance_row(program: Program, an: Analysis, options: Options, consts: dict
     taps = {v.name: tuple(jnp.zeros(v.shape, jnp_dtype(v.dtype)) for _ in range(S)) for v in tap_vars}
     sink = jnp.zeros((S,), relevance_dtype())
     tap_set = {v.name for v in tap_vars}
+    const_names, slots = constant_slots(program, an, options.method)
+    eqn_slots: dict = {}
+    for (i, path), col in slots.items():
+        eqn_slots.setdefault(i, {})[path] = col
+    fill_col = const_names.index(FILL) if FILL in const_names else None
+    psink = jnp.zeros((S, len(const_names)), relevance_dtype())
 
-    def fwd(float_in, token_in, sink, taps):
+    def fwd(float_in, token_in, sink, taps, psink):
         env: dict[Var, Any] = {}
         for v, x in zip(program.inputs, inputs):
             if v.name in float_in:
@@ -326,7 +382,9 @@ def relevance_row(program: Program, an: Analysis, options: Options, consts: dict
             env[c] = consts[c.name]
         for i, eqn in enumerate(program.eqns):
             if any(o in an.carries for o in eqn.outputs):
-                outs = _relevance_call(eqn, i, env, an, options, sink, S, magnitudes)
+                outs = _relevance_call(eqn, i, env, an, options, sink, S, magnitudes, psink,
+                                       eqn_slots.get(i),
+                                       fill_col if eqn.op in FILL_OPS else None)
             else:
                 args = substitute(eqn.args, {k: _primal(v) for k, v in env.items()}) \
                     if any(isinstance(env.get(v), _Carried) for v in eqn.inputs) \
@@ -343,7 +401,7 @@ def relevance_row(program: Program, an: Analysis, options: Options, consts: dict
                      for v in program.outputs), probe_values
 
     probe_set = set(probes)
-    outs, vjp, probe_values = jax.vjp(fwd, float_in, token_in, sink, taps, has_aux=True)
+    outs, vjp, probe_values = jax.vjp(fwd, float_in, token_in, sink, taps, psink, has_aux=True)
     explained_var = program.outputs[explained]
     y = outs[explained]
     carried = explained_var in an.carries
@@ -360,7 +418,7 @@ def relevance_row(program: Program, an: Analysis, options: Options, consts: dict
             cts.append(jnp.zeros_like(o))
         else:
             cts.append(np.zeros(o.shape, dtype=jax.dtypes.float0))
-    g_float, g_token, g_sink, g_taps = vjp(tuple(cts))
+    g_float, g_token, g_sink, g_taps, g_psink = vjp(tuple(cts))
 
     relevance = {}
     for v, x in zip(program.inputs, inputs):
@@ -374,7 +432,7 @@ def relevance_row(program: Program, an: Analysis, options: Options, consts: dict
     return RowResult(
         outputs=tuple(o[0] if v in an.carries else o for v, o in zip(program.outputs, outs)),
         prediction=prediction, target=target, relevance=relevance, absorbed=g_sink,
-        seed=seed_total,
+        seed=seed_total, constants=g_psink,
         input_total=jnp.stack([sum(jnp.sum(r[s]) for r in relevance.values()) for s in range(S)]),
         layers={k: tuple(v) for k, v in g_taps.items()} if layers or taps else None,
         probes=probe_values if probes else None)
