@@ -63,3 +63,18 @@ def test_readme_has_the_fresh_machine_commands():
 def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert TEST_COMMAND in ci.splitlines()  # the command itself, on a line of its own
+
+
+def test_models_tested_table_lists_the_zoo():
+    """README's "Models tested" table has one row per zoo model, in the zoo's order (the numbers
+    come from `python tools/zoo_table.py --write`; the zoo tests assert them)."""
+    import zoo
+
+    path = ROOT / "tools" / "zoo_table.py"
+    spec = importlib.util.spec_from_file_location("_dlbjax_zoo_table", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    names = tool.readme_names(README.read_text(encoding="utf-8"))
+    assert names == list(zoo.ZOO), (
+        "README's Models tested table is stale; regenerate it with `python tools/zoo_table.py "
+        "--write`")

@@ -19,9 +19,13 @@ import torchvision
 import transformers as tf
 from torchvision.models import segmentation as tv_seg
 from torchvision.models.convnext import CNBlockConfig
+from torchvision.models.efficientnet import MBConvConfig
+from torchvision.models.regnet import BlockParams
+from torchvision.models.resnet import BasicBlock
 
 import dlbjax
 import hf_zoo
+from conftest import randomize_bn
 from test_moe import tiny_moe
 
 
@@ -96,23 +100,28 @@ def _lstm():
 
 
 ZOO: dict[str, Entry] = {
-    "resnet18": Entry("CNN", _image(lambda: torchvision.models.resnet18(num_classes=5))),
-    "densenet (tiny)": Entry("CNN", _image(lambda: torchvision.models.DenseNet(
+    # torchvision families at reduced depth/width (their own block classes and init)
+    "ResNet (BasicBlock x4)": Entry("CNN", _image(lambda: torchvision.models.ResNet(
+        BasicBlock, [1, 1, 1, 1], num_classes=5))),
+    "DenseNet (2 blocks)": Entry("CNN", _image(lambda: torchvision.models.DenseNet(
         growth_rate=8, block_config=(2, 2), num_init_features=16, num_classes=5))),
-    "efficientnet_b0": Entry("CNN", _image(lambda: torchvision.models.efficientnet_b0(
-        num_classes=5))),
-    "mobilenet_v3_small": Entry("CNN", _image(lambda: torchvision.models.mobilenet_v3_small(
-        num_classes=5))),
-    "convnext (tiny)": Entry("CNN", _image(lambda: torchvision.models.ConvNeXt(
+    "EfficientNet (2 MBConv, SE)": Entry("CNN", _image(lambda: torchvision.models.EfficientNet(
+        [MBConvConfig(1, 3, 1, 16, 16, 1), MBConvConfig(4, 3, 2, 16, 24, 1)], dropout=0.2,
+        num_classes=5, last_channel=64))),
+    "ConvNeXt (2 stages)": Entry("CNN", _image(lambda: torchvision.models.ConvNeXt(
         [CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 1)], num_classes=5))),
-    "regnet_y_400mf": Entry("CNN", _image(lambda: torchvision.models.regnet_y_400mf(
-        num_classes=5))),
-    "googlenet": Entry("CNN", _image(lambda: torchvision.models.googlenet(
-        num_classes=5, aux_logits=False, init_weights=True))),
+    "RegNetY (SE, groups)": Entry("CNN", _image(lambda: torchvision.models.RegNet(
+        BlockParams.from_init_params(depth=2, w_0=16, w_a=8.0, w_m=2.0, group_width=8,
+                                     se_ratio=0.25), num_classes=5, stem_width=16))),
+    # randomised batch-norm statistics: as built, its logits are the classifier's bias alone
+    "GoogLeNet (Inception v1)": Entry("CNN", _image(lambda: randomize_bn(
+        torchvision.models.googlenet(num_classes=5, aux_logits=False, init_weights=False)))),
+    # MobileNetV3 (hardswish, SE) is the LRASPP backbone
     "lraspp_mobilenet_v3_large": Entry("segmentation", _image(
         lambda: tv_seg.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None,
                                                  num_classes=3)),
         {"task": "segmentation", "output": "out"}),
+    # (the rest run in test_zoo_sequences.py)
     "ViT (HF)": Entry("vision transformer", _hf("vit")),
     "Swin (HF)": Entry("vision transformer", _swin),
     "BERT (HF)": Entry("encoder", _hf("bert")),
@@ -169,3 +178,21 @@ def measure(name: str) -> dict:
         result[mode] = dict(forward=_rel_err(e.prediction, ref), finite=bool(finite),
                             padded=padded, **shares)
     return result
+
+
+IMAGE_MODELS = [n for n in ZOO if ZOO[n].family in ("CNN", "segmentation")]
+SEQUENCE_MODELS = [n for n in ZOO if n not in IMAGE_MODELS]
+
+
+def check(name: str) -> dict:
+    """The zoo test's assertions on :func:`measure` (shared by the two zoo test files)."""
+    r = measure(name)
+    for mode in ("default", "contrastive"):
+        m = r[mode]
+        assert m["forward"] <= 1e-5, (name, mode, m["forward"])
+        assert m["finite"], (name, mode)
+        assert m["padded"] == 0.0, (name, mode, m["padded"])
+        assert m["lost"] <= 1e-3, (name, mode, m["lost"])
+        assert m["inputs"] > 0, (name, mode)
+        np.testing.assert_allclose(m["inputs"] + m["bias"] + m["params"], 1.0, atol=2e-3)
+    return r
