@@ -16,6 +16,7 @@ import warnings
 from typing import Any
 
 import torch
+from torch.nn.utils.rnn import PackedSequence
 
 from dlbjax._errors import ExportError
 from dlbjax.lowerings import keep_whole_ops
@@ -80,6 +81,16 @@ def export_model(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]):
             ep = ep.run_decompositions(decomposition_table())
     except Exception as exc:  # torch raises many unrelated types here
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if _from_packed_sequence(exc):
+            raise ExportError(
+                f"torch.export could not capture {type(model).__name__}.forward: it packs a "
+                "sequence (torch.nn.utils.rnn.pack_padded_sequence / PackedSequence), whose batch "
+                "sizes per step are data-dependent, so it has no static graph "
+                f"({type(exc).__name__}: {first}).\nPass the padded batch to the LSTM/GRU "
+                "instead: with a forward direction, outputs at step t never see later (padded) "
+                "steps, so read each row's output at its last valid step (e.g. with "
+                "torch.gather on the lengths) rather than h_n, which would include the padding."
+            ) from exc
         raise ExportError(
             f"torch.export could not capture {type(model).__name__}.forward as a static graph: "
             f"{type(exc).__name__}: {first}\n"
@@ -92,6 +103,23 @@ def export_model(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]):
     finally:
         _restore_environ(environ)
     return ep
+
+
+def _from_packed_sequence(exc: BaseException) -> bool:
+    """Whether the export failure was raised while packing a sequence (torch/nn/utils/rnn.py, or
+    an RNN called on a PackedSequence)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        tb = exc.__traceback__
+        while tb is not None:
+            code = tb.tb_frame.f_code
+            if code.co_filename.replace("\\", "/").endswith("nn/utils/rnn.py") or any(
+                    isinstance(v, PackedSequence) for v in tb.tb_frame.f_locals.values()):
+                return True
+            tb = tb.tb_next
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _without_cache(model, args: tuple, kwargs: dict) -> dict:

@@ -77,6 +77,29 @@ def test_export_failure_is_an_export_error():
         dlbjax.explain(DataDependent().eval(), torch.randn(1, 3))
 
 
+class Packed(nn.Module):
+    """The usual variable-length classifier: pack, run the RNN, classify h_n."""
+
+    def __init__(self, cell):
+        super().__init__()
+        self.rnn = cell(4, 5, batch_first=True)
+        self.fc = nn.Linear(5, 2)
+
+    def forward(self, x, lengths):
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True,
+                                                   enforce_sorted=False)
+        _, h = self.rnn(packed)
+        h = h[0] if isinstance(h, tuple) else h
+        return self.fc(h[-1])
+
+
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU])
+def test_packed_sequences_raise_an_export_error_saying_what_to_do(cell):
+    x, lengths = torch.randn(2, 6, 4), torch.tensor([6, 3])
+    with pytest.raises(dlbjax.ExportError, match="(?s)packs a sequence.*padded batch"):
+        dlbjax.explain(Packed(cell).eval(), (x, lengths))
+
+
 @pytest.fixture(scope="module")
 def explainer():
     torch.manual_seed(0)
