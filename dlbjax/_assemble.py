@@ -64,7 +64,7 @@ def assemble(plan: Plan, raw: RowResult, n: int, dataset: bool = False,
     outputs = {}
     for name, o in zip(plan.program.output_names, raw.outputs):
         o = np.asarray(o)
-        outputs[name] = o.reshape((n,) + o.shape[2:]) if plan.config.batch_axis == 0 else (
+        outputs[name] = _join_rows(o, n) if plan.config.batch_axis == 0 else (
             o if dataset else o[0])
 
     def per_stream(a):
@@ -110,6 +110,19 @@ def assemble(plan: Plan, raw: RowResult, n: int, dataset: bool = False,
                        multiplier=plan.config.multiplier,
                        outputs=outputs, layers=layers, experts=experts, inputs=kept,
                        flow=flow, constants=constants)
+
+
+def _join_rows(o: np.ndarray, n: int) -> np.ndarray:
+    """Per-row outputs [n, *row] back into one batch: along the row's leading axis of 1, or, for
+    an output whose batch axis is not first (XLNet's ``mems`` [T, B, d]), along its only axis of
+    size 1; an output with no such axis stays stacked [n, *row]."""
+    if o.ndim >= 2 and o.shape[1] == 1:
+        return o.reshape((n,) + o.shape[2:])
+    ones = [i for i, d in enumerate(o.shape[1:]) if d == 1]
+    if len(ones) != 1:
+        return o
+    ax = ones[0]
+    return np.moveaxis(o, 0, ax + 1).reshape(o.shape[1:ax + 1] + (n,) + o.shape[ax + 2:])
 
 
 def _expert_relevance(layer, raw: RowResult, contrastive: bool) -> dict:

@@ -168,3 +168,20 @@ def test_layers_keep_the_embedding_map():
     hidden_map = e.layers[word[0]]
     assert hidden_map.shape == (1, 6, 32)
     np.testing.assert_allclose(hidden_map.sum(-1), e.relevance["input_ids"], rtol=1e-5, atol=1e-6)
+
+
+def test_outputs_whose_batch_axis_is_not_first_are_joined_along_it():
+    """XLNet returns ``mems`` as [T, B, d]: the per-row results join along B (not into a
+    reshape that cannot work), and equal torch's."""
+    import zoo
+
+    model, x = zoo._xlnet()
+    e = dlbjax.explain(model, x)
+    with torch.no_grad():
+        mems = model(**x).mems
+    assert mems and all(m.shape[1] == 2 for m in mems)
+    for m in mems:
+        m = m.numpy()
+        matches = [o for o in e.outputs.values() if np.shape(o) == m.shape and
+                   np.allclose(o, m, rtol=1e-5, atol=1e-6)]
+        assert matches, "no output equals torch's mems"

@@ -81,6 +81,16 @@ def _wav2vec2():
     return model, {"input_values": torch.randn(2, 400, generator=torch.Generator().manual_seed(1))}
 
 
+def _xlnet():
+    torch.manual_seed(0)
+    model = tf.XLNetForSequenceClassification(tf.XLNetConfig(
+        vocab_size=128, d_model=32, n_layer=2, n_head=4, d_inner=64, num_labels=3)).eval()
+    g = torch.Generator().manual_seed(1)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, :3] = 0  # XLNet pads on the left: it classifies from the last position
+    return model, {"input_ids": torch.randint(3, 128, (2, 8), generator=g), "attention_mask": mask}
+
+
 class LSTMHead(nn.Module):
     """The common classifier on the final hidden state: ``fc(h_n[-1])``."""
 
@@ -126,6 +136,7 @@ ZOO: dict[str, Entry] = {
     "Swin (HF)": Entry("vision transformer", _swin),
     "BERT (HF)": Entry("encoder", _hf("bert")),
     "DistilBERT (HF)": Entry("encoder", _hf("distilbert")),
+    "XLNet (HF)": Entry("encoder", _xlnet),
     "LLaMA (HF)": Entry("decoder", _hf("llama")),
     "Qwen3-MoE (HF)": Entry("MoE decoder", _moe("qwen3_moe")),
     "Wav2Vec2 (HF)": Entry("audio", _wav2vec2),
