@@ -18,7 +18,6 @@ from ._result import Conservation, Explanation
 from ._runner import Runner
 from ._types import Streams
 from ._views import layer_flow
-from .engine.origins import constant_slots
 from .engine.relevance import RowResult
 
 __all__ = ["explain_rows", "assemble"]
@@ -74,7 +73,7 @@ def assemble(plan: Plan, raw: RowResult, n: int, dataset: bool = False,
     seed = per_stream(raw.seed)
     inputs_total = per_stream(raw.input_total)
     bias = per_stream(raw.absorbed)
-    names, _ = constant_slots(plan.program, plan.analysis, plan.options.method)
+    names = plan.constant_names
     cmat = np.asarray(raw.constants) if raw.constants is not None else np.zeros((n, 1, 0))
     constants = {name: (Streams(cmat[:, 0, k], cmat[:, 1, k]) if contrastive else cmat[:, 0, k])
                  for k, name in enumerate(names)}

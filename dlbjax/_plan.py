@@ -26,6 +26,7 @@ from ._config import Config
 from ._errors import DtypeError, InputMismatchError, NonFiniteError, TargetError
 from ._tasks import Task, resolve_task
 from .engine.analysis import Analysis, analyze
+from .engine.origins import constant_slots
 from .engine.interpret import constants_to_jax
 from .engine.relevance import relevance_row
 from .importers import BoundInputs, bind_inputs, import_bound, static_experts_copy, tensor_to_numpy
@@ -51,7 +52,8 @@ class Plan:
     target indexes; ``consts``: constants as JAX arrays; ``mags``: precomputed |W|; ``moe_layers``:
     routed layers on the relevance path; ``x64``: the model computes in float64;
     ``compute_dtype``: what half precision is computed in (None: unchanged); ``model_name``: the
-    model's class name (task resolution).
+    model's class name (task resolution); ``constant_names``: the learned tensors and constants
+    that index maps copy into the stream, the columns of ``RowResult.constants``.
     """
 
     config: Config
@@ -70,6 +72,7 @@ class Plan:
     x64: bool
     compute_dtype: Optional[str]
     model_name: str = ""
+    constant_names: tuple = ()  # columns of RowResult.constants (dlbjax.engine.origins)
 
     def replace(self, config: Config) -> "Plan":
         """The same imported program under other options: re-analysed, its task resolved again, its
@@ -225,7 +228,8 @@ def _derive(config: Config, program: Program, input_names: tuple, row_specs: tup
                 row_specs=row_specs, explained=explained, analysis=analysis, options=options,
                 task=task, task_error=task_error,
                 out_size=task.size(out_var.shape) if task else 0, consts=consts, mags=mags,
-                moe_layers=moe, x64=x64, compute_dtype=compute_dtype, model_name=model_name)
+                moe_layers=moe, x64=x64, compute_dtype=compute_dtype, model_name=model_name,
+                constant_names=constant_slots(program, analysis, options.method)[0])
 
 
 def _output_index(program: Program, output) -> int:

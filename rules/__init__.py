@@ -9,8 +9,9 @@ Adding an op is one ``register(...)`` call in ``rules/<family>.py`` beside its f
 ``dlbjax/lowerings/<family>.py`` (see ``_registry`` for the calling convention), plus one test
 case. Families: ``affine`` (dense, conv), ``pooling`` (pools and reductions), ``norm`` (norms,
 dropout), ``elementwise`` (add, products, activations), ``shape`` (exact index maps, casts,
-selection), ``embedding`` (lookups, bags), ``attention``, ``recurrent`` (LSTM, GRU), ``resample`` (interpolation, pixel shuffle), ``moe``
-(top-k routing) and ``fused`` (fused modules). ``_math`` holds the shared unit formulas.
+selection), ``embedding`` (lookups, bags), ``attention``, ``recurrent`` (LSTM, GRU),
+``resample`` (interpolation, pixel shuffle), ``moe`` (top-k routing) and ``fused`` (fused
+modules). ``_math`` holds the shared unit formulas.
 """
 
 from dlbjax._types import Streams

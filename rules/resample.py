@@ -22,7 +22,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from dlbjax.lowerings import windows as W
-from dlbjax.lowerings.resample import MODES, out_sizes, tap_table
+from dlbjax.lowerings.resample import MODES, default_scales, out_sizes, tap_table
 
 from ._math import linear_operator_rule
 from ._registry import register
@@ -46,9 +46,6 @@ def _rule(ctx, x, nd, out, scales, mode, align_corners, R):
     return rel
 
 
-_SCALE_NAMES = {1: ("scales",), 2: ("scales_h", "scales_w"), 3: ("scales_d", "scales_h", "scales_w")}
-
-
 def _interpolation(ctx, R, x, output_size, align_corners, *scales, **named):
     """Every non-nearest mode, both overloads: ``.vec`` passes ``scale_factors`` (a list or None),
     ``.default`` per-axis scales (floats or None, positional or named); the mode comes from the op."""
@@ -56,10 +53,7 @@ def _interpolation(ctx, R, x, output_size, align_corners, *scales, **named):
     if ctx.op.endswith(".vec"):
         out, axis_scales = out_sizes(x.shape, nd, output_size, scales[0] if scales else None)
     else:
-        values = list(scales) + [None] * (nd - len(scales))
-        for i, n in enumerate(_SCALE_NAMES[nd]):
-            values[i] = named.get(n, values[i])
-        out, axis_scales = tuple(output_size), tuple(values)
+        out, axis_scales = tuple(output_size), default_scales(nd, scales, named)
     return (_rule(ctx, x, nd, out, axis_scales, mode, align_corners, R),)
 
 

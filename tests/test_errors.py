@@ -100,6 +100,18 @@ def test_packed_sequences_raise_an_export_error_saying_what_to_do(cell):
         dlbjax.explain(Packed(cell).eval(), (x, lengths))
 
 
+class NormOnly(nn.Module):
+    def forward(self, x):
+        return torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+
+
+def test_an_output_reached_only_through_a_statistic_is_refused():
+    """A vector norm is a statistic (no relevance through it): explaining the norm itself must
+    raise, naming the op, instead of reporting everything as lost."""
+    with pytest.raises(dlbjax.UnsupportedOperationError, match="linalg_vector_norm.*only through"):
+        dlbjax.explain(NormOnly(), torch.randn(2, 4), task="regression", target=[0])
+
+
 @pytest.fixture(scope="module")
 def explainer():
     torch.manual_seed(0)

@@ -44,6 +44,33 @@ def _hint(op: str) -> str:
             "explained path, or register a rule (dlbjax.rules.register).")
 
 
+def _cut_off(program: Program, out: Var, carries: set, stops) -> UnsupportedOp:
+    """Why no relevance can reach the inputs from the explained output ``out``: the first op on
+    its way back that takes a relevance-carrying value but passes none on (a normalisation
+    statistic such as a vector norm, or a shape query), or the op producing a constant output."""
+    producer = {o: e for e in program.eqns for o in e.outputs}
+    todo, seen = [out], set()
+    while todo:
+        v = todo.pop()
+        e = producer.get(v)
+        if e is None or v in seen:
+            continue
+        seen.add(v)
+        if _has_any(e.op, stops) and any(a in carries for a in e.inputs):
+            return UnsupportedOp(
+                e.op, e.source.module_path, e.source.module_type,
+                "the explained output depends on the inputs only through this op, which carries "
+                "no relevance (a normalisation statistic or a shape query, spec §9.1, §9.4), so "
+                "nothing could reach the inputs; explain an output computed from the values")
+        todo.extend(e.inputs)
+    e = producer.get(out)
+    return UnsupportedOp(
+        e.op if e is not None else "<input>", e.source.module_path if e is not None else "",
+        e.source.module_type if e is not None else "",
+        "the explained output does not depend on any float input, so no relevance can reach "
+        "the inputs; pick another output")
+
+
 def analyze(program: Program, options: Options, explained: int = 0) -> Analysis:
     """Static facts the relevance pass needs, plus every unsupported op of the model.
 
@@ -84,6 +111,10 @@ def analyze(program: Program, options: Options, explained: int = 0) -> Analysis:
             live.update(v for v in eqn.inputs if v in an.carries)
     an.carries &= live | set(program.inputs)
     an.tokens = {v for v in an.tokens if v in an.carries}
+    # an explained output that no relevance can reach (a model without any relevance-carrying
+    # input is reported by the dtype check instead)
+    if not live and any(v in an.carries for v in program.inputs):
+        an.problems.append(_cut_off(program, program.outputs[explained], an.carries, stops))
 
     seen = set()
     for i, eqn in enumerate(program.eqns):

@@ -172,7 +172,6 @@ def _total(kept):
 def _constant_totals(psink, results, slots, fill, R_out, n_streams):
     """[streams, constants]: each stream's relevance at the constant operands (and fills)."""
     out = jnp.zeros(psink.shape, psink.dtype)
-    given = [jnp.zeros((), psink.dtype) for _ in range(n_streams)]
     for path, col in slots.items():
         r = results[path[0]] if path[0] < len(results) else None
         if r is not None and len(path) == 2:
@@ -180,9 +179,7 @@ def _constant_totals(psink, results, slots, fill, R_out, n_streams):
         for s in range(n_streams):
             g = _stream(r, s, n_streams)
             if g is not None:
-                t = jnp.sum(g).astype(psink.dtype)
-                out = out.at[s, col].add(t)
-                given[s] = given[s] + t
+                out = out.at[s, col].add(jnp.sum(g).astype(psink.dtype))
     if fill is not None:
         # the output's relevance that reached no operand sat on the written numbers
         for s in range(n_streams):

@@ -25,7 +25,8 @@ import numpy as np
 from ._common import HIGHEST
 from ._table import lowering, register_lowering
 
-__all__ = ["axis_taps", "axis_matrix", "tap_table", "out_sizes", "resample", "MODES", "DUST"]
+__all__ = ["axis_taps", "axis_matrix", "tap_table", "out_sizes", "default_scales", "resample",
+           "MODES", "DUST"]
 
 # op name -> (mode, number of spatial axes, whether the schema has align_corners)
 MODES = {}
@@ -256,18 +257,19 @@ def _vec(mode, nd, has_ac):
 def _default(mode, nd, has_ac):
     if has_ac:
         def fn(self, output_size, align_corners, *scales, **named):
-            scales = _scales(nd, scales, named)
+            scales = default_scales(nd, scales, named)
             return resample(self, nd, tuple(output_size), scales, mode, align_corners)
     else:
         def fn(self, output_size, *scales, **named):
-            return resample(self, nd, tuple(output_size), _scales(nd, scales, named), mode)
+            return resample(self, nd, tuple(output_size), default_scales(nd, scales, named), mode)
     return fn
 
 
 _SCALE_NAMES = {1: ("scales",), 2: ("scales_h", "scales_w"), 3: ("scales_d", "scales_h", "scales_w")}
 
 
-def _scales(nd, positional, named):
+def default_scales(nd, positional, named):
+    """Per-axis scales of a ``.default`` overload, given positionally or by name (None: unset)."""
     names = _SCALE_NAMES[nd]
     values = list(positional) + [None] * (nd - len(positional))
     for i, n in enumerate(names):
