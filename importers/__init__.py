@@ -13,19 +13,23 @@ from typing import Any
 import torch
 
 from ._bind import BoundInputs, bind_inputs
+from ._substitute import (Substitution, register_substitution, substituted_copy, substitutions,
+                          unregister_substitution)
 from ._export import KEEP_WHOLE, decomposition_table, eval_copy, export_model, static_experts_copy
 from ._translate import tensor_to_numpy, torch_dtype_name, translate
 
 __all__ = ["import_model", "import_bound", "bind_inputs", "BoundInputs", "export_model", "translate",
            "decomposition_table", "KEEP_WHOLE", "eval_copy", "tensor_to_numpy", "torch_dtype_name",
-           "static_experts_copy"]
+           "static_experts_copy", "register_substitution", "unregister_substitution",
+           "substitutions", "substituted_copy", "Substitution"]
 
 
 def import_model(model: torch.nn.Module, inputs: Any):
     """Export ``model`` on ``inputs`` and translate it. Returns ``(program, bound_inputs)``.
 
     The model is never modified: a model (or any submodule) in training mode is exported from an
-    eval-mode deep copy.
+    eval-mode deep copy, and modules with an export-friendly substitution
+    (:func:`register_substitution`) are replaced on a copy that shares the model's tensors.
     """
     bound = bind_inputs(_check_module(model), inputs)
     return import_bound(model, bound), bound

@@ -20,6 +20,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from dlbjax._errors import ExportError
 from dlbjax.lowerings import keep_whole_ops
+from ._substitute import substituted_copy
 
 __all__ = ["KEEP_WHOLE", "decomposition_table", "export_model", "eval_copy", "static_experts_copy"]
 
@@ -69,7 +70,9 @@ def export_model(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]):
     """``torch.export.export(strict=False)`` then ``run_decompositions`` with our table.
 
     Raises ExportError with torch's message and what to do when the forward cannot be captured
-    as a static graph (data-dependent control flow, unsupported Python, ...).
+    as a static graph (data-dependent control flow, unsupported Python, ...). Modules with a
+    registered export-friendly substitution (``_substitute.py``) are replaced first, on a copy
+    that shares the model's tensors, after checking that the copy's forward is the model's.
     """
     model = eval_copy(model)
     kwargs = _without_cache(model, args, kwargs)
@@ -77,8 +80,11 @@ def export_model(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
+            static = substituted_copy(model, tuple(args), dict(kwargs))
+            ep = torch.export.export(static, tuple(args), dict(kwargs), strict=False)
             ep = ep.run_decompositions(decomposition_table())
+    except ExportError:  # a substitution that changes the output
+        raise
     except Exception as exc:  # torch raises many unrelated types here
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if _from_packed_sequence(exc):
