@@ -76,11 +76,12 @@ from jax import lax
 
 from dlbjax.lowerings import HIGHEST
 from dlbjax.lowerings.recurrent import (by_direction, from_directions, gru_step, lstm_step,
-                                        rnn_affine, rnn_weights, stack_directions)
+                                        rnn_affine, rnn_weights, scan_parts, scan_states,
+                                        stack_directions)
 
 from ._math import linear_operator_rule, map_streams, unit_rule
 from ._registry import RuleResult, Streams, carried, register
-from .elementwise import gate_shares
+from .elementwise import gate_shares, product_shares
 
 __all__ = []
 
@@ -336,3 +337,150 @@ register("aten.lstm.input", default=_recurrent("lstm"), contrastive=_recurrent("
          section="§4.7, §10")
 register("aten.gru.input", default=_recurrent("gru"), contrastive=_recurrent("gru"), check=_check,
          section="§4.7, §10 (GRU)")
+
+
+# ------------------------------------------------------------------------------------------------
+# Selective scan (Mamba)
+# ------------------------------------------------------------------------------------------------
+def _sum(R, axis):
+    return _map(lambda r: jnp.sum(r, axis=axis), R)
+
+
+def _both(a, b, R, rule):
+    """Product of two gates (dt ⊙ B): each stream split by the product rule; ``"signal_take_all"``
+    (which sends them nothing) splits whatever arrives in halves."""
+    rule = "half" if rule == "signal_take_all" else rule
+    if isinstance(R, Streams):
+        (ap, bp), (an, bn) = (product_shares(a, b, r, rule) for r in R)
+        return Streams(ap, an), Streams(bp, bn)
+    return product_shares(a, b, R, rule)
+
+
+def _selective_scan(ctx, R, u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                    delta_softplus=False):
+    """Relevance of ``dlbjax.selective_scan`` (Mamba's selective scan; decision, in the spirit of
+    spec §10 for LSTMs: the scan is a recurrence whose *content* is u, and whose transitions
+    exp(A dt), selections dt, B, C and output gate silu(z) are multiplicative gates).
+
+    Forward per channel d and state n: dt = softplus(delta + delta_bias), dA_t = exp(A dt_t),
+    h_t = dA_t h_{t-1} + (dt_t B_t) u_t with h_{-1} = 0, y_t = Σ_n C_t[n] h_t[n] + D u_t,
+    out_t = y_t ⊙ silu(z_t). Backward through time from t = L-1 to 0 with R_h the relevance
+    h_t receives from step t+1:
+
+    1. (R_z, R_y) = product(silu z_t, y_t; R_out_t), silu identity (§10 R4: gate first).
+    2. Add rule (§4.4) over the n + 1 terms of y_t: C_t[n] h_t[n] for every n and D u_t;
+       D u_t is a product with a constant, identity to u_t (§4.8).
+    3. (R_C, R_h') = product(C_t[n], h_t[n]; share of term n); R_C sums over channels.
+    4. Add rule over (dA_t h_{t-1}, dt_t B_t u_t) with R_h' + R_h; the first step's transition
+       term is 0 and takes nothing (the zero initial state gets no relevance, §10 R3).
+    5. (R_dA, R_h{t-1}) = product(dA_t, h_{t-1}); R_dA passes exp (identity, the spec §2.2 table's
+       null entry) and A dt (A constant) to dt; (R_dtB, R_u) = product(dt_t B_t, u_t), R_u sums
+       over states; R_dtB splits between dt and B by the product rule (two gates; halves under
+       "signal_take_all", where it is 0 anyway).
+    6. dt's relevance passes softplus (identity) and the add rule over (delta, delta_bias): the
+       bias keeps its |b| share in default mode (absorbed, reported as bias), none in
+       contrastive mode (§3.2).
+
+    Products use ``options.product_rule`` with the roles above: "half" (R/2 each, default),
+    "dlb", or "signal_take_all" (the gates get nothing: all relevance flows along the content
+    path u -> h -> y, a linear-attention-like decomposition of y_t over u_s, s ≤ t). Every
+    step conserves, so Σ R[u] + Σ R[delta] + Σ R[B] + Σ R[C] + Σ R[z] + bias share = Σ R[out]
+    (zero totals pass nothing, §10 R10). A gate operand that is a constant (no relevance) makes
+    its product identity to the other factor. Contrastive mode: §3.2 at each add (unit weights),
+    each product splitting both streams alike (as for LSTMs). The float32 forward is recomputed
+    in the relevance dtype.
+    """
+    contrastive, rule = ctx.options.contrastive, ctx.options.product_rule
+    first = R.positive if contrastive else R
+    dtype = first.dtype
+    cast = lambda v: None if v is None else jnp.asarray(v).astype(dtype)  # noqa: E731
+    carry_dt, carry_B, carry_C = ctx.carrying(1), ctx.carrying(3), ctx.carrying(4)
+    carry_z = z is not None and ctx.carrying(6)
+    dt, dA, dBu = (cast(v) for v in scan_parts(u, delta, A, B, delta_bias, delta_softplus))
+    h = scan_states(dA, dBu)                                                  # [L, b, d, n]
+    h_prev = jnp.concatenate([jnp.zeros_like(h[:1]), h[:-1]], axis=0)
+    time = lambda v: jnp.moveaxis(cast(v), -1, 0)  # noqa: E731  [.., L] -> [L, ..]
+    ut, Bt, Ct = time(u), time(B), time(C)
+    y = jnp.einsum("lbdn,lbn->lbd", h, Ct, precision=HIGHEST)
+    Du = None if D is None else ut * cast(D)
+    xs = dict(R=_map(time, R), h=h, h_prev=h_prev, dA=dA, dBu=dBu, dt=dt, B=Bt, C=Ct, u=ut,
+              y=y if Du is None else y + Du)
+    if z is not None:
+        xs["sz"] = jax.nn.silu(time(z))
+    if Du is not None:
+        xs["Du"] = Du
+
+    def step(R_hc, s):
+        R_out = s["R"]
+        R_z = None
+        if carry_z:
+            R_z, R_y = gate_shares(s["sz"], s["y"], R_out, rule)
+        else:
+            R_y = R_out
+        terms = s["C"][:, None, :] * s["h"]                                  # [b, d, n]
+        n = terms.shape[-1]
+        if Du is not None:
+            terms = jnp.concatenate([terms, s["Du"][..., None]], axis=-1)
+        shares, _ = unit_rule(terms, None, _map(lambda r: r[..., None], R_y), contrastive, axis=-1)
+        R_p = _map(lambda r: r[..., :n], shares)
+        R_q = _map(lambda r: r[..., n], shares) if Du is not None else None
+        if carry_C:
+            R_Cg, R_hs = gate_shares(jnp.broadcast_to(s["C"][:, None, :], terms[..., :n].shape),
+                                     s["h"], R_p, rule)
+            R_C = _sum(R_Cg, 1)
+        else:
+            R_hs, R_C = R_p, None
+        (R_tr, R_in), _ = _add([s["dA"] * s["h_prev"], s["dBu"]], None, _plus(R_hs, R_hc),
+                               contrastive)
+        dtB = s["dt"][..., None] * s["B"][:, None, :]
+        if carry_dt:
+            R_dA, R_hprev = gate_shares(s["dA"], s["h_prev"], R_tr, rule)
+        else:
+            R_dA, R_hprev = None, R_tr
+        if carry_dt or carry_B:
+            R_dtB, R_us = gate_shares(dtB, s["u"][..., None], R_in, rule)
+            if carry_dt and carry_B:
+                R_dtg, R_Bg = _both(jnp.broadcast_to(s["dt"][..., None], dtB.shape),
+                                    jnp.broadcast_to(s["B"][:, None, :], dtB.shape), R_dtB, rule)
+            else:
+                R_dtg, R_Bg = (R_dtB, None) if carry_dt else (None, R_dtB)
+        else:
+            R_us, R_dtg, R_Bg = R_in, None, None
+        R_u = _sum(R_us, -1)
+        if R_q is not None:
+            R_u = _plus(R_u, R_q)
+        zeros_d = _map(jnp.zeros_like, R_u)
+        R_dt = zeros_d
+        for part in (R_dA, R_dtg):
+            if part is not None:
+                R_dt = _plus(R_dt, _sum(part, -1))
+        zeros_n = _map(lambda r: jnp.zeros(r.shape[:-1] + (Bt.shape[-2],), r.dtype), R_u)
+        R_B = zeros_n if R_Bg is None else _sum(R_Bg, 1)
+        R_C = zeros_n if R_C is None else R_C
+        return R_hprev, (R_u, R_dt, R_B, R_C, zeros_d if R_z is None else R_z)
+
+    R0 = _zeros(h.shape[1:], dtype, contrastive)
+    _, (R_u, R_dt, R_B, R_C, R_z) = lax.scan(step, R0, xs, reverse=True)
+    kept = 0.0
+    R_delta = R_dt
+    if delta_bias is not None and carry_dt:
+        dpre = time(delta)
+        (R_delta,), kept = _add([dpre], jnp.broadcast_to(cast(delta_bias), dpre.shape), R_dt,
+                                contrastive)
+    back = lambda r: _map(lambda v: jnp.moveaxis(v, 0, -1), r)  # noqa: E731
+    result = (back(R_u), back(R_delta) if carry_dt else None, None,
+              back(R_B) if carry_B else None, back(R_C) if carry_C else None, None,
+              back(R_z) if carry_z else None, None, None)
+    return RuleResult(result[:len(ctx.carries)], None if contrastive else kept)
+
+
+def _scan_check(carries):
+    if not carried(carries[0]):
+        return "the scan's input u must carry relevance (only its gates do)"
+    if any(carried(carries[i]) for i in (2, 5, 7) if i < len(carries)):
+        return "A, D and delta_bias computed from the inputs are not supported (constants only)"
+    return None
+
+
+register("dlbjax.selective_scan.default", default=_selective_scan, contrastive=_selective_scan,
+         check=_scan_check, section="§10 (selective scan, dlbjax decision)")

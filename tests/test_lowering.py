@@ -144,9 +144,9 @@ def params(cases):
 
 def resolve(name):
     ns, op, overload = (name.split(".") + ["", ""])[:3]
-    if ns != "aten":
+    if ns not in ("aten", "dlbjax"):  # dlbjax: torch custom ops of dlbjax.importers
         return None
-    packet = getattr(torch.ops.aten, op, None)
+    packet = getattr(getattr(torch.ops, ns), op, None)
     if packet is None or overload not in packet.overloads():
         return None
     return getattr(packet, overload)
@@ -901,6 +901,12 @@ def _sequence_cases():
         hx = [h0, c0] if kind == "lstm" else h0
         cases.append(Case(f"aten.{kind}.input", x, hx, _rnn_params(kind, 3, 5, layers, bidir, bias),
                           bias, layers, 0.0, False, bidir, batch_first))
+    # Mamba's selective scan (dlbjax::selective_scan, importers/_mamba.py): u, delta, A, B, C, D,
+    # z, delta_bias, delta_softplus; with and without the optional operands
+    u, dl, z = randn(2, 3, 5), randn(2, 3, 5), randn(2, 3, 5)
+    A, B, C = -positive(3, 4), randn(2, 4, 5), randn(2, 4, 5)
+    cases += [Case("dlbjax.selective_scan.default", u, dl, A, B, C, randn(3), z, randn(3), True),
+              Case("dlbjax.selective_scan.default", u, dl, A, B, C, None, None, None, False)]
     # top-k routing (no ties)
     d = distinct(3, 8)
     cases += [Case("aten.topk.default", d, 3), Case("aten.topk.default", d, 2, 0),

@@ -50,6 +50,9 @@ REFERENCE_TESTS = {
     "aten._embedding_bag.default": ["test_recurrent::test_embedding_bag_equals_per_unit_reference"],
     "aten._embedding_bag_forward_only.default": [
         "test_recurrent::test_embedding_bag_equals_per_unit_reference"],
+    "dlbjax.selective_scan.default": [
+        "test_mamba::test_selective_scan_rule_equals_per_element_reference",
+        "test_mamba::test_relevance_at_the_scan_equals_the_reference_on_a_two_layer_mamba"],
     "aten.scaled_dot_product_attention.default": [
         "test_attention::test_sdpa_kept_whole_equals_its_decomposition",
         "test_attention::test_bilinear_rule_against_per_unit_reference"],

@@ -122,3 +122,45 @@ def gru(input, hx, params, has_biases, num_layers, dropout, train, bidirectional
     """``nn.GRU``: returns (output, h_n)."""
     return _rnn("gru", input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
                 batch_first)
+
+
+# ------------------------------------------------------------------------------------------------
+# Selective scan (state-space models, ``importers/_mamba.py``)
+# ------------------------------------------------------------------------------------------------
+def scan_parts(u, delta, A, B, delta_bias=None, delta_softplus=False):
+    """The discretised selective scan in float32, time first: dt [L, b, d], dA = exp(A dt) and
+    dBu = dt B u, both [L, b, d, n]."""
+    f32 = jnp.float32
+    dt = delta.astype(f32)
+    if delta_bias is not None:
+        dt = dt + delta_bias.astype(f32)[:, None]
+    if delta_softplus:
+        dt = jax.nn.softplus(dt)
+    dt = jnp.moveaxis(dt, -1, 0)                                              # [L, b, d]
+    Bt = jnp.moveaxis(B.astype(f32), -1, 0)[:, :, None, :]                    # [L, b, 1, n]
+    ut = jnp.moveaxis(u.astype(f32), -1, 0)[..., None]                        # [L, b, d, 1]
+    dA = jnp.exp(A.astype(f32) * dt[..., None])
+    return dt, dA, dt[..., None] * Bt * ut
+
+
+def scan_states(dA, dBu):
+    """h_t = dA_t h_{t-1} + dBu_t from h_{-1} = 0: the states [L, b, d, n]."""
+    def body(h, s):
+        h = s[0] * h + s[1]
+        return h, h
+
+    return lax.scan(body, jnp.zeros_like(dA[0]), (dA, dBu))[1]
+
+
+@lowering("dlbjax.selective_scan.default", keep_whole=True)
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """Mamba's selective scan (``importers/_mamba.py`` gives the formula and argument layout)."""
+    _, dA, dBu = scan_parts(u, delta, A, B, delta_bias, delta_softplus)
+    h = scan_states(dA, dBu)
+    Ct = jnp.moveaxis(C.astype(jnp.float32), -1, 0)                          # [L, b, n]
+    y = jnp.moveaxis(jnp.einsum("lbdn,lbn->lbd", h, Ct, precision=HIGHEST), 0, -1)
+    if D is not None:
+        y = y + u.astype(jnp.float32) * D.astype(jnp.float32)[:, None]
+    if z is not None:
+        y = y * jax.nn.silu(z.astype(jnp.float32))
+    return y.astype(u.dtype)
