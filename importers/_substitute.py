@@ -22,7 +22,7 @@ rather than a rule-friendly form.
   the substitution responsible.
 
 Built in: JetMoE's mixture of MLP experts (``JetMoeMoE``) and mixture of attention experts
-(``JetMoeMoA``). Both become dense dispatch: ``torch.topk`` over the router logits, a softmax over
+(``JetMoeMoA``), and DBRX's experts (``DbrxExperts``, whose router already uses ``torch.topk``). Both become dense dispatch: ``torch.topk`` over the router logits, a softmax over
 the k selected logits (as JetMoE does), every expert applied to every token with one linear layer
 over the experts' stacked weights, the k chosen experts' outputs gathered per token
 (``[tokens, k, hidden]``), weighted by their gates and summed over k, plus the bias. That
@@ -338,8 +338,33 @@ class StaticJetMoeMoA(nn.Module):
         raise NotImplementedError("JetMoeMoA is called through map() and reduce()")
 
 
+class StaticDbrxExperts(nn.Module):
+    """``DbrxExperts`` (a loop over the hit experts with ``nonzero`` and ``index_add_``) with dense
+    dispatch; ``DbrxFFN`` routes with ``torch.topk`` and passes the ids and weights in."""
+
+    def __init__(self, experts: nn.Module):
+        super().__init__()
+        self.mlp = experts.mlp
+        self.hidden_size, self.ffn_hidden_size = experts.hidden_size, experts.ffn_hidden_size
+        self.num_experts = experts.num_experts
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        batch = hidden_states.shape[0]
+        x = hidden_states.reshape(-1, self.hidden_size)
+        shape = (self.num_experts, self.ffn_hidden_size)
+        gate = nn.functional.linear(x, self.mlp.w1).unflatten(-1, shape)    # [T, E, F]
+        up = nn.functional.linear(x, self.mlp.v1).unflatten(-1, shape)
+        inter = self.mlp.activation_fn(gate) * up
+        w2 = self.mlp.w2.view(*shape, self.hidden_size)                     # [E, F, H]
+        out = torch.matmul(inter.transpose(0, 1), w2)                       # [E, T, H]
+        weighted = _pick(out.transpose(0, 1), top_k_index) * top_k_weights[..., None]
+        return weighted.sum(dim=1).view(batch, -1, self.hidden_size)
+
+
 _JETMOE = "transformers.models.jetmoe.modeling_jetmoe."
 register_substitution(_JETMOE + "JetMoeMoE", StaticJetMoeMoE, name="jetmoe-moe",
                       description="JetMoE mixture of MLP experts: dense top-k dispatch")
 register_substitution(_JETMOE + "JetMoeMoA", StaticJetMoeMoA, name="jetmoe-moa",
                       description="JetMoE mixture of attention experts: dense top-k dispatch")
+register_substitution("transformers.models.dbrx.modeling_dbrx.DbrxExperts", StaticDbrxExperts,
+                      name="dbrx-experts", description="DBRX experts: dense top-k dispatch")

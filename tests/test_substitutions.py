@@ -55,7 +55,7 @@ def jetmoe():
 
 def test_builtin_substitutions_are_listed():
     names = [s.name for s in substitutions()]
-    assert "jetmoe-moe" in names and "jetmoe-moa" in names
+    assert {"jetmoe-moe", "jetmoe-moa", "dbrx-experts"} <= set(names)
 
 
 def test_static_moe_equals_jetmoe_per_module(jetmoe):
@@ -240,3 +240,30 @@ def test_a_predicate_key(cleanup):
     static = substituted_copy(model, (torch.randn(2, 5),))
     assert type(static[1]) is StaticGate and type(model[1]) is DataDependentGate
     assert static[0].weight is model[0].weight  # the copy shares the model's tensors
+
+
+# --- DBRX: its experts loop over nonzero() with index_add_ -------------------------------------
+
+@pytest.mark.skipif(not hasattr(tf, "DbrxForCausalLM"), reason="transformers has no DBRX")
+def test_dbrx_experts_substitution_explains():
+    from dlbjax.importers._substitute import StaticDbrxExperts
+    torch.manual_seed(0)
+    cfg = tf.DbrxConfig(d_model=32, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=128,
+                        attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+                        ffn_config={"ffn_hidden_size": 32, "moe_num_experts": E, "moe_top_k": K})
+    model = tf.DbrxForCausalLM(cfg).eval()
+    ffn = model.transformer.blocks[0].ffn
+    h = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        weights, index = ffn.route_tokens_to_experts(ffn.router(h))
+        ref = ffn.experts(h, index, weights)
+        out = StaticDbrxExperts(ffn.experts)(h, index, weights)
+    assert (out - ref).abs().max() <= 1e-6
+    x = tokens(batch=1)
+    e = dlbjax.explain(model, x, task="next-token")
+    with torch.no_grad():
+        logits = model(**x).logits.numpy()
+    assert _rel(e.prediction, logits) <= 1e-5
+    assert np.abs(e.conservation.lost).max() <= 1e-4 * np.abs(e.conservation.seed).max()
+    assert len(e.experts) == 2 and e.experts[0]["per_expert"].shape == (1, E)
+    assert type(model.transformer.blocks[0].ffn.experts).__name__ == "DbrxExperts"
