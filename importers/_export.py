@@ -97,6 +97,16 @@ def export_model(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]):
                 "steps, so read each row's output at its last valid step (e.g. with "
                 "torch.gather on the lengths) rather than h_n, which would include the padding."
             ) from exc
+        if type(model).__module__.startswith("torchvision.models.detection"):
+            raise ExportError(
+                f"torch.export could not capture {type(model).__name__}.forward as a static graph: "
+                f"{type(exc).__name__}: {first}\ntorchvision detectors keep the anchors or "
+                "proposals above a score threshold and run NMS, so how many boxes come out "
+                "depends on the data. Run the detector in torch, then explain its backbone and "
+                "head on the fixed anchor behind a detection: a small nn.Module that returns that "
+                "anchor's class logit (task='binary') or its 4 box deltas "
+                "(task='bbox-regression'); see notebooks/07_detection.ipynb."
+            ) from exc
         raise ExportError(
             f"torch.export could not capture {type(model).__name__}.forward as a static graph: "
             f"{type(exc).__name__}: {first}\n"
