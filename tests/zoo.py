@@ -91,6 +91,39 @@ def _xlnet():
     return model, {"input_ids": torch.randint(3, 128, (2, 8), generator=g), "attention_mask": mask}
 
 
+def _mamba():
+    torch.manual_seed(0)
+    model = tf.MambaForCausalLM(tf.MambaConfig(vocab_size=128, hidden_size=16, state_size=4,
+                                               num_hidden_layers=2, expand=2, conv_kernel=3)).eval()
+    g = torch.Generator().manual_seed(1)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, :2] = 0  # left padding
+    return model, {"input_ids": torch.randint(3, 128, (2, 6), generator=g), "attention_mask": mask}
+
+
+def _jetmoe():
+    torch.manual_seed(0)
+    model = tf.JetMoeForCausalLM(tf.JetMoeConfig(
+        hidden_size=32, num_hidden_layers=2, num_key_value_heads=2, kv_channels=8,
+        intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, vocab_size=128,
+        max_position_embeddings=64)).eval()
+    g = torch.Generator().manual_seed(1)
+    return model, {"input_ids": torch.randint(3, 128, (2, 6), generator=g), "use_cache": False}
+
+
+def _t5():
+    torch.manual_seed(0)
+    model = tf.T5ForConditionalGeneration(tf.T5Config(
+        vocab_size=128, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4,
+        decoder_start_token_id=0, pad_token_id=0)).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 128, (2, 7), generator=g)
+    mask = torch.ones_like(ids)
+    ids[1, 5:], mask[1, 5:] = 0, 0  # right padding of the source
+    return model, {"input_ids": ids, "attention_mask": mask,
+                   "decoder_input_ids": torch.randint(3, 128, (2, 4), generator=g)}
+
+
 class LSTMHead(nn.Module):
     """The common classifier on the final hidden state: ``fc(h_n[-1])``."""
 
@@ -139,6 +172,9 @@ ZOO: dict[str, Entry] = {
     "XLNet (HF)": Entry("encoder", _xlnet),
     "LLaMA (HF)": Entry("decoder", _hf("llama")),
     "Qwen3-MoE (HF)": Entry("MoE decoder", _moe("qwen3_moe")),
+    "JetMoE (HF, substituted)": Entry("MoE decoder", _jetmoe),
+    "T5 (HF, decoder_input_ids)": Entry("encoder-decoder", _t5),
+    "Mamba (HF)": Entry("state-space", _mamba),
     "Wav2Vec2 (HF)": Entry("audio", _wav2vec2),
     "LSTM on h_n": Entry("recurrent", _lstm),
 }
