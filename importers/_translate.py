@@ -67,10 +67,13 @@ def _var_from_meta(name: str, val: Any, node: torch.fx.Node) -> Var:
             raise ExportError(
                 f"node '{node.name}' ({node.target}, module {_source(node)}) reads a tensor value into "
                 f"Python ({val!r}): the graph has data-dependent shapes (.item(), .tolist(), "
-                "nonzero(), boolean-mask indexing; e.g. JetMoe's expert routing). dlbjax compiles "
-                "static shapes only and cannot jit or vmap such a graph. Use a model whose routing "
-                "is static (Hugging Face MoE models with set_experts_implementation('batched_mm')), "
-                "or rewrite that code with fixed shapes (gathers over top-k indices, torch.where).")
+                "nonzero(), boolean-mask indexing; e.g. an MoE router that groups tokens by "
+                "expert). dlbjax compiles static shapes only and cannot jit or vmap such a graph. "
+                "Register a static equivalent of that module with "
+                "dlbjax.importers.register_substitution (checked equal at import; JetMoE, DBRX "
+                "and Mamba have built-in ones), use a model whose routing is static (Hugging Face "
+                "MoE models with set_experts_implementation('batched_mm')), or rewrite that code "
+                "with fixed shapes (gathers over top-k indices, torch.where).")
         raise ExportError(f"node '{node.name}' ({node.target}) does not produce a tensor ({val!r})")
     shape = []
     for d in val.shape:
