@@ -15,7 +15,7 @@ Exported as one ATen-level node (``dlbjax.selective_scan.default``), so the rele
 the whole scan with its roles (content u, transitions exp(A dt), selections dt, B, C, output gate
 z) instead of an unrolled loop of products it could not tell apart (``rules/recurrent.py``).
 
-:func:`static_mamba_mixer` turns a Hugging Face ``MambaMixer`` / ``FalconMambaMixer`` into one
+:func:`static_mamba_mixer` turns a Hugging Face ``MambaMixer`` / ``FalconMambaMixer`` / ``Mamba2Mixer`` into one
 whose forward (without a cache) calls this operator: the export-friendly substitution registered
 here for these classes (:mod:`importers._substitute`).
 """
@@ -95,8 +95,40 @@ def _static_forward(self, hidden_states, cache=None, attention_mask=None, **kwar
     return self.out_proj(y.transpose(1, 2).to(dtype))
 
 
+def _static_mamba2_forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
+    """Mamba2 mixer forward without a cache: the SSD scan (scalar A per head, B and C per group)
+    as one ``dlbjax::selective_scan`` per group, A, dt, D and dt_bias repeated over each head's
+    channels; the gated RMS norm and projections as in the model. Falls back to the model's
+    forward with a cache or a non-default ``time_step_limit``."""
+    limit = tuple(float(v) for v in self.time_step_limit)
+    if cache is not None or kwargs.get("cache_params") is not None or limit != (0.0, float("inf")):
+        return type(self).__mro__[1].forward(self, hidden_states, cache, attention_mask, **kwargs)
+    dtype = hidden_states.dtype
+    L = hidden_states.shape[1]
+    proj = self.in_proj(_mask(hidden_states, attention_mask))
+    gate, xBC, dt = proj.split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
+    xBC = _mask(self.act(self.conv1d(xBC.transpose(1, 2))[..., :L]).transpose(1, 2), attention_mask)
+    G, n, P = self.n_groups, self.ssm_state_size, self.head_dim
+    x, B, C = torch.split(xBC, [self.intermediate_size, G * n, G * n], dim=-1)
+    A = -torch.exp(self.A_log.float())                                         # [heads]
+    per = self.num_heads // G
+    outs = []
+    for g in range(G):
+        heads = slice(g * per, (g + 1) * per)
+        rep = lambda v: v[..., heads].repeat_interleave(P, dim=-1)  # noqa: E731  heads -> channels
+        outs.append(_scan(x[..., g * per * P:(g + 1) * per * P].transpose(1, 2),
+                          rep(dt).transpose(1, 2), rep(A)[:, None].expand(-1, n).contiguous(),
+                          B[..., g * n:(g + 1) * n].transpose(1, 2),
+                          C[..., g * n:(g + 1) * n].transpose(1, 2), rep(self.D.float()), None,
+                          rep(self.dt_bias.float()), True))
+    y = torch.cat(outs, dim=1).transpose(1, 2)
+    return self.out_proj(self.norm(y, gate).to(dtype))
+
+
+_FORWARDS = {"Mamba2Mixer": _static_mamba2_forward}
 MAMBA_MIXERS = ("transformers.models.mamba.modeling_mamba.MambaMixer",
-                "transformers.models.falcon_mamba.modeling_falcon_mamba.FalconMambaMixer")
+                "transformers.models.falcon_mamba.modeling_falcon_mamba.FalconMambaMixer",
+                "transformers.models.mamba2.modeling_mamba2.Mamba2Mixer")
 _STATIC = {}
 
 
@@ -106,7 +138,8 @@ def static_mamba_mixer(mixer):
     base = type(mixer)
     cls = _STATIC.get(base)
     if cls is None:
-        cls = _STATIC[base] = type(f"Static{base.__name__}", (base,), {"forward": _static_forward})
+        forward = _FORWARDS.get(base.__name__, _static_forward)
+        cls = _STATIC[base] = type(f"Static{base.__name__}", (base,), {"forward": forward})
     new = base.__new__(cls)
     new.__dict__ = dict(mixer.__dict__)
     return new
