@@ -160,7 +160,8 @@ def _unflatten(fields: dict[tuple, np.ndarray], meta: dict):
                                                    for f in ("seed", "inputs", "bias", "lost",
                                                              "params"))),
                        mode=meta["mode"], task=meta["task"], multiplier=meta["multiplier"],
-                       outputs={}, layers=layers, method=meta.get("method", "dlb"))
+                       outputs={}, layers=layers,
+                       method=meta.get("method", {"method": "dlb"})["method"])
 
 
 # ------------------------------------------------------------------------------------------------

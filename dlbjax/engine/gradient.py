@@ -5,8 +5,11 @@ Methods (``GradientParams.method``):
 * ``"gradient"``: d score / d input;
 * ``"gradient-x-input"``: gradient x input;
 * ``"integrated-gradients"`` (Sundararajan et al. 2017): (x - b) x sum_k w_k grad(b + a_k (x - b))
-  with the points a_k and weights w_k of ``ig_method`` (the definitions Captum uses:
-  ``riemann_left``/``right``/``middle``/``trapezoid`` and ``gausslegendre``); the points are one
+  with the points a_k and weights w_k of ``ig_method``, exactly Captum's definitions so that
+  results compare: ``riemann_left``/``right``/``middle`` (weights 1/n), ``riemann_trapezoid``
+  (a_k = linspace(0, 1, n), weights 1/n with both ends halved: they sum to (n - 1)/n, so the sum
+  of attributions is short of f(x) - f(b) by about 1/n of it, as in Captum) and
+  ``gausslegendre`` (n-point Gauss-Legendre on [0, 1], the most accurate); the points are one
   ``jax.vmap``;
 * ``"smoothgrad"`` (Smilkov et al. 2017): the mean over ``samples`` noisy copies x + eps,
   eps ~ N(0, (noise (max x - min x))^2), of the gradient (or of gradient x noisy input with
@@ -113,8 +116,10 @@ def ig_points(n: int, method: str) -> tuple[np.ndarray, np.ndarray]:
     if method == "riemann_trapezoid":
         if n < 2:
             raise MethodError("riemann_trapezoid needs steps >= 2")
-        w = np.full(n, 1.0 / (n - 1))
-        w[0] = w[-1] = 1.0 / (2 * (n - 1))
+        # Captum's weights: 1/n with the two ends halved (they sum to (n - 1)/n, not 1, so the
+        # attributions' sum falls short of completeness by about 1/n of f(x) - f(baseline))
+        w = np.full(n, 1.0 / n)
+        w[0] = w[-1] = 1.0 / (2 * n)
         return np.linspace(0.0, 1.0, n), w
     if method == "gausslegendre":
         x, w = np.polynomial.legendre.leggauss(n)
