@@ -26,7 +26,7 @@ from ._config import Config
 from ._errors import DtypeError, InputMismatchError, NonFiniteError, TargetError
 from ._tasks import Task, resolve_task
 from .engine.analysis import Analysis, analyze
-from .engine.gradient import check_gradient_method
+from .engine.gradient import check_gradient_method, gradient_row
 from .engine.origins import constant_slots
 from .engine.interpret import constants_to_jax
 from .engine.relevance import relevance_row
@@ -96,6 +96,15 @@ class Plan:
         (see :meth:`dlbjax.Explainer.relevance_function`)."""
         program, an, opts = self.program, self.analysis, self.options
         explained, layers = self.explained, self.config.layers
+        gradient = self.config.gradient_params
+        if gradient is not None:  # the gradient family: the score is sum(seeds[0] * output)
+            def g(consts, inputs, seeds):
+                def fixed(pred, inputs=None):
+                    return tuple(seeds), jnp.int32(-1)
+                return gradient_row(program, an, consts, tuple(inputs), fixed, gradient,
+                                    explained=explained)
+
+            return g
 
         def f(consts, inputs, seeds):
             def fixed(pred, inputs=None):

@@ -258,6 +258,19 @@ def test_jit_batch_and_dataset(method, opts, mlp, x_mlp, tmp_path):
     assert dlbjax.Explanation.load(path) == first
 
 
+def test_relevance_function_under_jit_and_vmap(mlp, x_mlp):
+    import jax
+    import jax.numpy as jnp
+    ex = dlbjax.Explainer(mlp, x_mlp, method="integrated-gradients", steps=8)
+    e = ex(x_mlp)
+    f = jax.jit(ex.relevance_function())
+    rows = jnp.asarray(x_mlp.numpy())[:, None]                       # [rows, 1, 12]
+    seeds = jax.nn.one_hot(jnp.asarray(e.target), 5)[:, None]        # [rows, 1, 5]
+    out = jax.vmap(lambda x, s: f(ex.constants, (x,), (s,)))(rows, seeds)
+    np.testing.assert_allclose(np.asarray(out.relevance["x"][0])[:, 0], rel(e),
+                               rtol=1e-6, atol=1e-7)
+
+
 def test_replace_switches_method_without_reexport(mlp, x_mlp):
     ex = dlbjax.Explainer(mlp, x_mlp)
     g = ex.replace(method="gradient")
