@@ -216,20 +216,18 @@ def test_bert_per_token_gradient_x_input_equals_torch(bert):
 # smoothgrad
 # ------------------------------------------------------------------------------------------------
 def test_smoothgrad_seed_noise_and_inputs(mlp, x_mlp):
-    a = dlbjax.explain(mlp, x_mlp, method="smoothgrad", samples=8, seed=1)
-    b = dlbjax.explain(mlp, x_mlp, method="smoothgrad", samples=8, seed=1)
-    c = dlbjax.explain(mlp, x_mlp, method="smoothgrad", samples=8, seed=2)
+    ex = dlbjax.Explainer(mlp, x_mlp, method="smoothgrad", samples=8, seed=1)
+    a, b = ex(x_mlp), ex.replace(seed=1)(x_mlp)
+    c = ex.replace(seed=2)(x_mlp)
     np.testing.assert_array_equal(rel(a), rel(b))
     assert not np.allclose(rel(a), rel(c))
-    g = rel(dlbjax.explain(mlp, x_mlp, method="gradient"))
-    z = dlbjax.explain(mlp, x_mlp, method="smoothgrad", samples=4, noise=0.0)
+    g = rel(ex.replace(method="gradient", samples=None, seed=None)(x_mlp))
+    z = ex.replace(samples=4, noise=0.0)(x_mlp)
     np.testing.assert_allclose(rel(z), g, rtol=1e-6, atol=1e-7)
-    zi = dlbjax.explain(mlp, x_mlp, method="smoothgrad", samples=4, noise=0.0,
-                        multiply_by_inputs=True)
+    zi = ex.replace(samples=4, noise=0.0, multiply_by_inputs=True)(x_mlp)
     np.testing.assert_allclose(rel(zi), g * x_mlp.numpy(), rtol=1e-6, atol=1e-7)
-    # the mean over samples against a NumPy loop over the same noise is the definition; here: the
-    # noisy mean stays near the gradient for small noise on a smooth-ish network
-    small = dlbjax.explain(mlp, x_mlp, method="smoothgrad", samples=16, noise=1e-4)
+    # small noise: the mean of the noisy gradients stays near the gradient
+    small = ex.replace(samples=16, noise=1e-4)(x_mlp)
     assert rel_err(rel(small), g) < 1e-2
 
 
@@ -305,3 +303,12 @@ def test_method_errors(mlp, x_mlp):
     ex = dlbjax.Explainer(mlp, x_mlp)
     with pytest.raises(MethodError):
         ex.replace(method="gradient", mode="contrastive")
+
+
+def test_gradient_method_with_length_buckets(bert):
+    """Buckets pad to 16 tokens with the mask at 0: the real tokens' attributions are unchanged."""
+    model, inputs = bert
+    plain = dlbjax.Explainer(model, inputs, method="gradient-x-input")(inputs)
+    bucketed = dlbjax.Explainer(model, inputs, method="gradient-x-input", buckets=[16])(inputs)
+    assert bucketed.relevance["input_ids"].shape == (2, 10)
+    assert rel_err(bucketed.relevance["input_ids"], plain.relevance["input_ids"]) < 1e-5
