@@ -12,8 +12,9 @@ and ARCHITECTURE.md for where each stage lives.
 """
 
 from ._errors import (DLBJaxError, DtypeError, DuplicateRegistrationError, ExportError,
-                      InputMismatchError, InvalidProgramError, NoExpertsError, NoLayersError,
-                      NonFiniteError, TargetError, UnsupportedOp, UnsupportedOperationError)
+                      InputMismatchError, InvalidProgramError, MethodError, NoExpertsError,
+                      NoLayersError, NonFiniteError, TargetError, UnsupportedOp,
+                      UnsupportedOperationError)
 from ._types import Streams
 from ._result import Conservation, Explanation, load_explanation
 from ._explain import Explainer, explain
@@ -30,5 +31,5 @@ __all__ = [
     "generate", "Generator", "Generation", "load_results", "enable_compilation_cache",
     "DLBJaxError", "UnsupportedOperationError", "UnsupportedOp", "InputMismatchError",
     "ExportError", "InvalidProgramError", "TargetError", "NonFiniteError", "DtypeError",
-    "NoLayersError", "NoExpertsError", "DuplicateRegistrationError", "__version__",
+    "NoLayersError", "NoExpertsError", "MethodError", "DuplicateRegistrationError", "__version__",
 ]

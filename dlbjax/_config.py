@@ -7,21 +7,37 @@ and normalised once in ``__post_init__``; everything later reads the validated v
 from __future__ import annotations
 
 import math
+
+import numpy as np
 from dataclasses import dataclass, fields, replace
 from typing import Any, Optional, Union
 
-from ._errors import TargetError
+from ._errors import MethodError, TargetError
 from ._tasks import TASK_ALIASES
 from ._types import Mode, ProductRule
+from .engine.gradient import GRADIENT_METHODS, IG_METHODS, ArrayOption, GradientParams
 from .rules import DLB, Options
 
-__all__ = ["Config", "MODES", "PRODUCT_RULES"]
+__all__ = ["Config", "MODES", "PRODUCT_RULES", "METHODS", "METHOD_OPTIONS"]
 
 # accepted spellings of the two modes
 MODES = {"default": "default", "contrastive": "contrastive", "contrast": "contrastive"}
 # "signal_take_all" is defined for the gate/signal products of recurrent layers only (spec §4.7,
 # §10 R4); a generic product of two activations raises with it (rules.elementwise.product_shares).
 PRODUCT_RULES = ("half", "dlb", "signal_take_all")
+# attribution methods: DLBacktrace (the rule registry) and the gradient family (jax.grad on the
+# same imported forward, dlbjax/engine/gradient.py)
+METHODS = (DLB,) + GRADIENT_METHODS
+# the options each method takes (None in a Config: not given, the default below applies)
+METHOD_OPTIONS = {
+    DLB: (),
+    "gradient": (),
+    "gradient-x-input": (),
+    "integrated-gradients": ("steps", "baseline", "ig_method"),
+    "smoothgrad": ("samples", "noise", "seed", "multiply_by_inputs"),
+}
+METHOD_DEFAULTS = {"steps": 50, "baseline": 0.0, "ig_method": "riemann_trapezoid",
+                   "samples": 25, "noise": 0.15, "seed": 0, "multiply_by_inputs": False}
 
 
 @dataclass(frozen=True)
@@ -56,6 +72,19 @@ class Config:
       halve it automatically).
     - ``devices``: the devices to shard rows over (default: all local devices).
     - ``thresholding``: segmentation, seed the pixels whose probability exceeds it (default 0.5).
+    - ``method``: ``"dlb"`` (default: DLBacktrace relevance), ``"gradient"``,
+      ``"gradient-x-input"``, ``"integrated-gradients"`` or ``"smoothgrad"`` (``_`` for ``-``
+      and any case accepted). The gradient family differentiates the task's score
+      ``sum(seed * output)`` with the seed built at multiplier 1 (the target logit, not 100 x it):
+      gradient methods return raw, unscaled values, comparable with torch autograd and Captum;
+      ``multiplier`` applies to DLB only. They are defined in default mode without ``layers``.
+    - method options (each only with its method; None: the default): integrated gradients
+      ``steps`` (50), ``baseline`` (0.0: a number, an array broadcasting to one row of the one
+      float input, or a dict input name -> array; token inputs take a number, in embedding
+      space), ``ig_method`` (``"riemann_trapezoid"``, ``"riemann_left"``, ``"riemann_right"``,
+      ``"riemann_middle"``, ``"gausslegendre"``); SmoothGrad ``samples`` (25), ``noise`` (0.15:
+      the noise std as a fraction of max - min of each input row), ``seed`` (0),
+      ``multiply_by_inputs`` (False: mean gradient; True: mean of gradient x noisy input).
     """
 
     mode: Mode = "default"
@@ -74,6 +103,14 @@ class Config:
     max_batch: Optional[int] = None
     devices: Optional[tuple] = None
     thresholding: float = 0.5
+    method: str = DLB
+    steps: Optional[int] = None
+    baseline: Any = None
+    ig_method: Optional[str] = None
+    samples: Optional[int] = None
+    noise: Optional[float] = None
+    seed: Optional[int] = None
+    multiply_by_inputs: Optional[bool] = None
 
     def __post_init__(self):
         mode = self.mode
@@ -106,6 +143,98 @@ class Config:
         set_(self, "router_relevance", bool(self.router_relevance))
         if not isinstance(self.task, str) or self.task.lower() not in TASK_ALIASES:
             raise TargetError(f"unknown task {self.task!r}; use one of {sorted(set(TASK_ALIASES))}")
+        self._check_method()
+
+    def _check_method(self) -> None:
+        set_ = object.__setattr__
+        method = self.method
+        name = method.lower().replace("_", "-") if isinstance(method, str) else None
+        if name not in METHODS:
+            raise MethodError(f"unknown method {method!r}; known methods are "
+                              f"{', '.join(map(repr, METHODS))}")
+        set_(self, "method", name)
+        takes = METHOD_OPTIONS[name]
+        given = [k for k in METHOD_DEFAULTS if getattr(self, k) is not None]
+        wrong = [k for k in given if k not in takes]
+        if wrong:
+            owners = {k: [m for m, opts in METHOD_OPTIONS.items() if k in opts] for k in wrong}
+            raise MethodError(
+                f"method {name!r} takes no option{'s' if len(wrong) > 1 else ''} "
+                + ", ".join(f"{k}= (an option of {' / '.join(map(repr, owners[k]))})"
+                            for k in wrong)
+                + (f"; its options are {', '.join(takes)}" if takes else ""))
+        if name == DLB:
+            return
+        if self.mode != "default":
+            raise MethodError(f"method {name!r} has one signed map; contrastive mode is defined "
+                              "for method='dlb' only")
+        if self.layers:
+            raise MethodError(f"layers=True (per-layer relevance) is defined for method='dlb' "
+                              f"only, not {name!r}")
+        if self.steps is not None:
+            if isinstance(self.steps, bool) or not isinstance(self.steps, (int, np.integer)) \
+                    or self.steps < 1:
+                raise MethodError(f"steps must be a positive int, not {self.steps!r}")
+            set_(self, "steps", int(self.steps))
+        if self.ig_method is not None and self.ig_method not in IG_METHODS:
+            raise MethodError(f"unknown ig_method {self.ig_method!r}; use one of "
+                              f"{', '.join(map(repr, IG_METHODS))}")
+        if self.ig_method == "riemann_trapezoid" or (self.ig_method is None and name ==
+                                                      "integrated-gradients"):
+            if (self.steps or METHOD_DEFAULTS["steps"]) < 2:
+                raise MethodError("ig_method='riemann_trapezoid' needs steps >= 2")
+        if self.baseline is not None and not isinstance(self.baseline, ArrayOption):
+            b = self.baseline
+            if isinstance(b, (int, float, np.number)) and not isinstance(b, bool) \
+                    or (hasattr(b, "ndim") and b.ndim == 0):
+                b = float(b)
+                if not math.isfinite(b):
+                    raise MethodError(f"baseline must be finite, not {b}")
+            else:
+                b = ArrayOption(b)
+                values = b.value.values() if isinstance(b.value, dict) else [b.value]
+                if not all(np.all(np.isfinite(v)) for v in values):
+                    raise MethodError("the baseline contains NaN or inf")
+            set_(self, "baseline", b)
+        if self.samples is not None:
+            if isinstance(self.samples, bool) or not isinstance(self.samples, (int, np.integer)) \
+                    or self.samples < 1:
+                raise MethodError(f"samples must be a positive int, not {self.samples!r}")
+            set_(self, "samples", int(self.samples))
+        if self.noise is not None:
+            try:
+                noise = float(self.noise)
+            except (TypeError, ValueError):
+                raise MethodError(f"noise must be a number >= 0, not {self.noise!r}") from None
+            if not math.isfinite(noise) or noise < 0:
+                raise MethodError(f"noise must be a finite number >= 0, not {self.noise!r}")
+            set_(self, "noise", noise)
+        if self.seed is not None:
+            if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
+                raise MethodError(f"seed must be an int, not {self.seed!r}")
+            set_(self, "seed", int(self.seed))
+        if self.multiply_by_inputs is not None:
+            set_(self, "multiply_by_inputs", bool(self.multiply_by_inputs))
+
+    @property
+    def gradient_params(self) -> Optional[GradientParams]:
+        """The static options of a gradient-family method (None for DLB)."""
+        if self.method == DLB:
+            return None
+        values = {k: (getattr(self, k) if getattr(self, k) is not None else d)
+                  for k, d in METHOD_DEFAULTS.items()}
+        return GradientParams(method=self.method, **values)
+
+    def method_options(self) -> dict:
+        """The method and the options it ran with (defaults filled in), e.g. for a manifest."""
+        params = self.gradient_params
+        if params is None:
+            return {"method": DLB}
+        out = {"method": self.method}
+        for k in METHOD_OPTIONS[self.method]:
+            v = getattr(params, k)
+            out[k] = repr(v) if isinstance(v, ArrayOption) else v
+        return out
 
     @property
     def options(self) -> Options:

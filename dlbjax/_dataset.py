@@ -160,14 +160,15 @@ def _unflatten(fields: dict[tuple, np.ndarray], meta: dict):
                                                    for f in ("seed", "inputs", "bias", "lost",
                                                              "params"))),
                        mode=meta["mode"], task=meta["task"], multiplier=meta["multiplier"],
-                       outputs={}, layers=layers)
+                       outputs={}, layers=layers,
+                       method=meta.get("method", {"method": "dlb"})["method"])
 
 
 # ------------------------------------------------------------------------------------------------
 # manifest
 # ------------------------------------------------------------------------------------------------
 def _config(ex) -> dict:
-    return {
+    out = {
         "mode": ex.mode, "task": ex.task, "multiplier": ex.multiplier,
         "options": repr(ex.options), "layers": bool(ex.layers), "explained": ex.explained,
         "batch_axis": ex.batch_axis,
@@ -175,6 +176,10 @@ def _config(ex) -> dict:
         "compute_dtype": ex.compute_dtype,
         "buckets": list(ex.buckets),
     }
+    if ex.config.method != "dlb":  # (a DLB manifest keeps its earlier keys: resumable)
+        out["method"] = ex.config.method_options()
+        out["multiplier"] = 1.0
+    return out
 
 
 def _target_key(target) -> Optional[str]:

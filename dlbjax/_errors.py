@@ -80,6 +80,12 @@ class NoExpertsError(DLBJaxError, ValueError):
     """The explanation holds no mixture-of-experts relevance (``explanation.experts`` is None)."""
 
 
+class MethodError(DLBJaxError, ValueError):
+    """An attribution method dlbjax does not know, an option the chosen method does not take
+    (``steps=`` with ``method="dlb"``), or a method that is not defined for the model's inputs,
+    mode or options (gradients in contrastive mode, an embedding bag's tokens)."""
+
+
 class DuplicateRegistrationError(DLBJaxError, ValueError):
     """A second lowering for an operator, or a second rule for an (operator, method) pair: each
     has exactly one, so a registration never silently replaces another."""

@@ -59,6 +59,12 @@ class Explainer:
     - ``max_batch``: most rows per compiled call.
     - ``devices``: the devices to shard rows over (default: all local devices).
     - ``thresholding``: segmentation, the probability above which a pixel is seeded.
+    - ``method``: ``"dlb"`` (default, DLBacktrace), or the gradient family on the same imported
+      JAX forward: ``"gradient"``, ``"gradient-x-input"``, ``"integrated-gradients"`` (options
+      ``steps=50``, ``baseline=0.0``, ``ig_method="riemann_trapezoid"``) and ``"smoothgrad"``
+      (``samples=25``, ``noise=0.15``, ``seed=0``, ``multiply_by_inputs=False``). Gradient
+      methods explain the task's score at multiplier 1 (raw values, comparable with torch
+      autograd and Captum); an option of another method raises :class:`dlbjax.MethodError`.
 
     Each option is documented and validated in :class:`dlbjax._config.Config`. Attributes:
     ``config``, ``plan`` (the imported program, analysis, constants: ``dlbjax._plan.Plan``) and
@@ -73,14 +79,19 @@ class Explainer:
                  buckets: Any = None, router_relevance: bool = False,
                  compute_dtype: Any = "float32", precompute_magnitudes: bool = True,
                  max_batch: Optional[int] = None, devices: Any = None,
-                 thresholding: float = 0.5):
+                 thresholding: float = 0.5, method: str = "dlb", steps: Optional[int] = None,
+                 baseline: Any = None, ig_method: Optional[str] = None,
+                 samples: Optional[int] = None, noise: Optional[float] = None,
+                 seed: Optional[int] = None, multiply_by_inputs: Optional[bool] = None):
         self.config = Config(
             mode=mode, multiplier=multiplier, task=task, layers=layers, output=output,
             batch_axis=batch_axis, experimental_gating=experimental_gating,
             product_rule=product_rule, attention_value_fraction=attention_value_fraction,
             buckets=buckets, router_relevance=router_relevance, compute_dtype=compute_dtype,
             precompute_magnitudes=precompute_magnitudes, max_batch=max_batch, devices=devices,
-            thresholding=thresholding)
+            thresholding=thresholding, method=method, steps=steps, baseline=baseline,
+            ig_method=ig_method, samples=samples, noise=noise, seed=seed,
+            multiply_by_inputs=multiply_by_inputs)
         self._bucketing: Optional[Bucketing] = None
         self.runner: Optional[Runner] = None
         if self.config.buckets is not None:
@@ -192,8 +203,10 @@ class Explainer:
 
 def explain(model: torch.nn.Module, inputs: Any, *, target: Any = None, mode: str = "default",
             multiplier: float = 100.0, task: str = "auto", layers: bool = False,
-            **options) -> Explanation:
-    """Explain ``model`` on ``inputs`` with DLBacktrace relevance.
+            method: str = "dlb", **options) -> Explanation:
+    """Explain ``model`` on ``inputs`` with DLBacktrace relevance (``method="dlb"``, the
+    default) or a gradient-family method (``"gradient"``, ``"gradient-x-input"``,
+    ``"integrated-gradients"``, ``"smoothgrad"``; see :class:`Explainer` for their options).
 
     ``inputs``: a tensor, a tuple of positional tensors or a dict of keyword tensors (a tokenizer's
     BatchEncoding works), with rows along axis 0. ``target``: the class to explain (an int, one int
@@ -201,5 +214,5 @@ def explain(model: torch.nn.Module, inputs: Any, *, target: Any = None, mode: st
     modified.
     """
     explainer = Explainer(model, inputs, mode=mode, multiplier=multiplier, task=task, layers=layers,
-                          **options)
+                          method=method, **options)
     return explainer(inputs, target=target)

@@ -26,6 +26,7 @@ from ._config import Config
 from ._errors import DtypeError, InputMismatchError, NonFiniteError, TargetError
 from ._tasks import Task, resolve_task
 from .engine.analysis import Analysis, analyze
+from .engine.gradient import check_gradient_method, gradient_row
 from .engine.origins import constant_slots
 from .engine.interpret import constants_to_jax
 from .engine.relevance import relevance_row
@@ -95,6 +96,15 @@ class Plan:
         (see :meth:`dlbjax.Explainer.relevance_function`)."""
         program, an, opts = self.program, self.analysis, self.options
         explained, layers = self.explained, self.config.layers
+        gradient = self.config.gradient_params
+        if gradient is not None:  # the gradient family: the score is sum(seeds[0] * output)
+            def g(consts, inputs, seeds):
+                def fixed(pred, inputs=None):
+                    return tuple(seeds), jnp.int32(-1)
+                return gradient_row(program, an, consts, tuple(inputs), fixed, gradient,
+                                    explained=explained)
+
+            return g
 
         def f(consts, inputs, seeds):
             def fixed(pred, inputs=None):
@@ -221,15 +231,20 @@ def _derive(config: Config, program: Program, input_names: tuple, row_specs: tup
         task, task_error = None, exc
     if consts is None:
         consts = constants_to_jax(program)
+    gradient = config.gradient_params
+    if gradient is not None:
+        check_gradient_method(program, analysis, gradient, input_names)
+    # |W| and the constants' columns serve the DLB rules only
     mags = precompute_magnitudes(program, analysis, options, consts) \
-        if config.precompute_magnitudes else {}
+        if config.precompute_magnitudes and gradient is None else {}
     moe = tuple(m for m in find_moe_layers(program) if m.weighted in analysis.carries)
     return Plan(config=config, program=program, input_names=input_names,
                 row_specs=row_specs, explained=explained, analysis=analysis, options=options,
                 task=task, task_error=task_error,
                 out_size=task.size(out_var.shape) if task else 0, consts=consts, mags=mags,
                 moe_layers=moe, x64=x64, compute_dtype=compute_dtype, model_name=model_name,
-                constant_names=constant_slots(program, analysis, options.method)[0])
+                constant_names=constant_slots(program, analysis, options.method)[0]
+                if gradient is None else ())
 
 
 def _output_index(program: Program, output) -> int:

@@ -75,6 +75,15 @@ class Explanation:
     ``experts`` (mixture-of-experts models): one dict per routed layer with ``layer`` (module
     path), ``per_expert`` [rows, num_experts] and ``per_token`` [rows, tokens, num_experts]: the
     relevance that went through each selected expert (summed over the hidden axis).
+
+    ``method``: ``"dlb"`` or a gradient-family method (``dlbjax/engine/gradient.py``). For those,
+    ``relevance`` holds the signed attributions (``multiplier`` is 1.0: the score is unscaled) and
+    ``conservation`` a completeness report: ``seed`` = score(x) - score(reference) (the baseline
+    for integrated gradients, the zero input for the others), ``inputs`` = the attributions' sum,
+    ``bias`` = ``params`` = 0 and ``lost`` = their difference (integrated gradients: the
+    completeness error, which shrinks with ``steps``; gradient x input: 0 on bias-free
+    piecewise-linear networks; gradient and SmoothGrad: no conservation is defined, ``lost`` is
+    only the difference of the two numbers).
     """
 
     relevance: dict
@@ -96,6 +105,9 @@ class Explanation:
     # learned tensor / constant name -> per-row relevance it received through an index map
     # (sums to conservation.params; Streams pairs in contrastive mode)
     constants: Optional[dict] = None
+    # the attribution method: "dlb", or a gradient-family method (multiplier 1.0, conservation
+    # as described in the class docstring)
+    method: str = "dlb"
 
     def __repr__(self) -> str:
         shapes = {k: (tuple(v.positive.shape) if isinstance(v, Streams) else tuple(v.shape))

@@ -30,6 +30,7 @@ from ._dtypes import jnp_dtype
 from ._errors import DtypeError
 from ._plan import Plan
 from ._tasks import Seeding
+from .engine.gradient import gradient_row
 from .engine.relevance import RowResult, relevance_row
 from .passes.magnitudes import conv_weight_names, restore_layouts, split_layouts
 
@@ -68,6 +69,17 @@ class Runner:
             consts, mags = restore_layouts(consts, mags, laid_out)
         plan = self.plan
         program, an, opts, cfg = plan.program, plan.analysis, plan.options, plan.config
+        gradient = cfg.gradient_params
+        if gradient is not None:
+            # the gradient family (dlbjax/engine/gradient.py): the task's seed at multiplier 1
+            unit = Seeding(1.0, False, an.head, cfg.thresholding)
+
+            def grad_row(inputs_row, cls, sel):
+                return gradient_row(program, an, consts, tuple(inputs_row),
+                                    plan.task.seed_fn(unit, cls, sel), gradient,
+                                    explained=plan.explained)
+
+            return jax.vmap(grad_row)(inputs, classes, select)
         seeding = Seeding(cfg.multiplier, opts.contrastive, an.head, cfg.thresholding)
         taps = tuple(m.weighted.name for m in plan.moe_layers)
         probes = tuple(m.indices.name for m in plan.moe_layers)

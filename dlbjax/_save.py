@@ -112,6 +112,7 @@ def save_explanation(explanation, path) -> str:
     meta = {
         "format": FORMAT, "format_version": VERSION, "dlbjax_version": _version(),
         "mode": e.mode, "task": e.task, "multiplier": float(e.multiplier),
+        "method": getattr(e, "method", "dlb"),
         "entries": entries,
         "streams": sorted({f"{g}/{n}" if n is not None else g
                            for _, g, n, s in entries if s is not None}),
@@ -188,7 +189,8 @@ def read_fields(path) -> dict:
         layers=group("layers") if has.get("layers") else None,
         experts=experts,
         inputs=group("inputs") if has.get("inputs") else None,
-        flow=flow, constants=group("constants") if has.get("constants") else None)
+        flow=flow, constants=group("constants") if has.get("constants") else None,
+        method=meta.get("method", "dlb"))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -27,10 +27,18 @@ def pool_table(op_nd: int, x_shape, kernel_size, stride, padding, dilation, ceil
     return W.sliding_windows(spatial, kernel, stride, padding, dilation, bool(ceil_mode))
 
 
+def _first_max(win):
+    """Each window's maximum, taken at its first maximal element: the same value as ``max``, and
+    under ``jax.grad`` the whole gradient goes to that element, as PyTorch's max pooling routes it
+    (``jnp.max`` would split it among ties, e.g. on a constant integrated-gradients baseline)."""
+    arg = jnp.argmax(win, axis=-1)
+    return jnp.take_along_axis(win, arg[..., None], axis=-1)[..., 0]
+
+
 def _max_pool(nd):
     def fn(self, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
         table = pool_table(nd, self.shape, kernel_size, stride, padding, dilation, ceil_mode)
-        return jnp.max(W.gather_windows(self, table, -jnp.inf), axis=-1)
+        return _first_max(W.gather_windows(self, table, -jnp.inf))
 
     return fn
 
@@ -46,7 +54,7 @@ def _max_pool_indices(nd):
     def fn(self, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
         table = pool_table(nd, self.shape, kernel_size, stride, padding, dilation, ceil_mode)
         win = W.gather_windows(self, table, -jnp.inf)
-        return jnp.max(win, axis=-1), _winner_index(win, table)
+        return _first_max(win), _winner_index(win, table)
 
     return fn
 
@@ -94,7 +102,7 @@ def _adaptive_max(nd):
     def fn(self, output_size):
         table = adaptive_table(nd, self.shape, output_size)
         win = W.gather_windows(self, table, -jnp.inf)
-        return jnp.max(win, axis=-1), _winner_index(win, table)
+        return _first_max(win), _winner_index(win, table)
 
     return fn
 
