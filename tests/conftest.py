@@ -15,6 +15,19 @@ settings.register_profile("long", max_examples=500, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+def rel_err(a, b) -> float:
+    """max |a - b| / max |b| in float64 (the forward-vs-torch measure of the model tests)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def stream_totals(conservation, field):
+    """A conservation field as a tuple of arrays: (positive, negative) in contrastive mode."""
+    v = getattr(conservation, field)
+    return (np.asarray(v.positive), np.asarray(v.negative)) if hasattr(v, "positive") \
+        else (np.asarray(v),)
+
+
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give batch-norm layers non-trivial running statistics and affine parameters."""
     g = torch.Generator().manual_seed(seed)

@@ -36,16 +36,13 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 import dlbjax
+from conftest import rel_err, stream_totals
 
 SIZE = 64
 
 
-def _rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)
 
-
-def _totals(c, field):
+def stream_totals(c, field):
     v = getattr(c, field)
     return (np.asarray(v.positive), np.asarray(v.negative)) if isinstance(v, dlbjax.Streams) \
         else (np.asarray(v),)
@@ -141,12 +138,12 @@ def test_the_anchor_logit_explains(setup, mode):
     x, ref = setup["x"], setup["ref"]["logit"]
     ex = setup["explainer"] if mode == "default" else setup["explainer"].replace(mode=mode)
     out = ex(x)
-    assert _rel_err(out.prediction, ref) <= 1e-5
+    assert rel_err(out.prediction, ref) <= 1e-5
     # the logit is the detection's score before its sigmoid
     np.testing.assert_allclose(1 / (1 + np.exp(-out.prediction[0, 0])), float(setup["score"]),
                                rtol=1e-5)
     c = out.conservation
-    for lost, seed in zip(_totals(c, "lost"), _totals(c, "seed")):
+    for lost, seed in zip(stream_totals(c, "lost"), stream_totals(c, "seed")):
         assert np.abs(lost).max() <= 1e-3 * np.abs(seed).max()
     (rel,) = out.relevance.values()
     streams = (rel.positive, rel.negative) if mode == "contrastive" else (rel,)
@@ -164,7 +161,7 @@ def test_the_anchor_box_explains_with_the_bbox_task(setup):
     det, x, a, ref = setup["det"], setup["x"], setup["anchor"], setup["ref"]["box"]
     ex = setup["explainer"].replace(output="box", task="bbox-regression")
     out = ex(x)
-    assert _rel_err(out.prediction, ref) <= 1e-5
+    assert rel_err(out.prediction, ref) <= 1e-5
     # dlbjax's deltas, decoded with the detector's box coder at the anchor, give the detected box
     anchors, _, _ = anchors_and_boxes(det, x[:1])
     box = det.box_coder.decode_single(torch.tensor(np.asarray(out.prediction[:1])),
@@ -199,7 +196,7 @@ def test_fcos_follows_the_same_recipe():
     with torch.no_grad():
         ref = model(x)["logit"].numpy()
     out = dlbjax.explain(model, x, output="logit", task="binary")
-    assert _rel_err(out.prediction, ref) <= 1e-5
+    assert rel_err(out.prediction, ref) <= 1e-5
     assert abs(float(out.conservation.lost[0])) <= 1e-3 * 100.0
     r = np.asarray(out.relevance["x"])
     assert r.shape == tuple(x.shape) and np.isfinite(r).all()

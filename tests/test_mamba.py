@@ -14,6 +14,7 @@ import torch
 import transformers as tf
 
 import dlbjax
+from conftest import rel_err
 from dlbjax.importers import _mamba
 from dlbjax.lowerings import TABLE
 from dlbjax import Streams
@@ -214,10 +215,6 @@ def _inputs(batch=2, length=6, pad=0):
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def _rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)
-
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_mamba_models_explain_conserving(name):
@@ -234,7 +231,7 @@ def test_mamba_models_explain_conserving(name):
             ex.replace(product_rule="signal_take_all")(x)
     for rule in rules:
         e = ex.replace(product_rule=rule)(x)
-        assert _rel_err(e.prediction, ref) <= 1e-5
+        assert rel_err(e.prediction, ref) <= 1e-5
         c = e.conservation
         seed = np.abs(np.asarray(c.seed)).max()
         assert np.abs(np.asarray(c.lost)).max() <= 1e-4 * seed
@@ -244,7 +241,7 @@ def test_mamba_models_explain_conserving(name):
         np.testing.assert_allclose(r.sum(1) + np.asarray(c.bias) + np.asarray(c.params),
                                    np.asarray(c.seed), rtol=1e-4)
     e = ex.replace(mode="contrastive")(x)
-    assert _rel_err(e.prediction, ref) <= 1e-5
+    assert rel_err(e.prediction, ref) <= 1e-5
     rel = e.relevance["input_ids"]
     assert np.isfinite(np.asarray(rel.positive)).all() and np.isfinite(np.asarray(rel.negative)).all()
     one = ex({k: v[1:] for k, v in x.items()})       # a batch equals one call per row

@@ -9,6 +9,7 @@ import torch
 import transformers as tf
 
 import dlbjax
+from conftest import rel_err
 
 
 def _t5():
@@ -43,10 +44,6 @@ def _inputs(pad_id):
     return {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec}
 
 
-def _rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)
-
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_encoder_decoder_explains_to_both_inputs(name):
@@ -61,7 +58,7 @@ def test_encoder_decoder_explains_to_both_inputs(name):
         ref = model(**x, use_cache=False).logits.numpy()
     ex = dlbjax.Explainer(model, x, task="next-token")
     e = ex(x)
-    assert _rel_err(e.prediction, ref) <= 1e-5
+    assert rel_err(e.prediction, ref) <= 1e-5
     assert {"input_ids", "decoder_input_ids"} <= set(e.relevance)
     enc, dec = (np.asarray(e.relevance[k]) for k in ("input_ids", "decoder_input_ids"))
     assert enc.shape == (2, 7) and dec.shape == (2, 4)
@@ -83,7 +80,7 @@ def test_encoder_decoder_explains_to_both_inputs(name):
     np.testing.assert_allclose(enc[:1], np.asarray(one.relevance["input_ids"]), rtol=1e-4,
                                atol=1e-7)
     cm = ex.replace(mode="contrastive")(x)
-    assert _rel_err(cm.prediction, ref) <= 1e-5
+    assert rel_err(cm.prediction, ref) <= 1e-5
     for k in ("input_ids", "decoder_input_ids"):
         r = cm.relevance[k]
         assert np.isfinite(np.asarray(r.positive)).all() and np.isfinite(np.asarray(r.negative)).all()
