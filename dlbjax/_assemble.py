@@ -106,9 +106,9 @@ def assemble(plan: Plan, raw: RowResult, n: int, dataset: bool = False,
     return Explanation(relevance=relevance, prediction=pred, target=target,
                        conservation=Conservation(seed, inputs_total, bias, lost, params),
                        mode=plan.config.mode, task=plan.task.name if plan.task else None,
-                       multiplier=plan.config.multiplier if plan.config.method == "dlb" else 1.0,
+                       multiplier=plan.config.multiplier if plan.config.gradient_params is None else 1.0,
                        outputs=outputs, layers=layers, experts=experts, inputs=kept,
-                       flow=flow, constants=constants, method=plan.config.method)
+                       flow=flow, constants=constants, method=plan.config.method_name)
 
 
 def _join_rows(o: np.ndarray, n: int) -> np.ndarray:

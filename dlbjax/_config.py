@@ -15,8 +15,10 @@ from typing import Any, Optional, Union
 from ._errors import MethodError, TargetError
 from ._tasks import TASK_ALIASES
 from ._types import Mode, ProductRule
+from .composites import PRESETS, Composite
 from .engine.gradient import GRADIENT_METHODS, IG_METHODS, ArrayOption, GradientParams
 from .rules import DLB, Options
+from .rules._lrp import LRP_METHODS
 
 __all__ = ["Config", "MODES", "PRODUCT_RULES", "METHODS", "METHOD_OPTIONS"]
 
@@ -27,7 +29,10 @@ MODES = {"default": "default", "contrastive": "contrastive", "contrast": "contra
 PRODUCT_RULES = ("half", "dlb", "signal_take_all")
 # attribution methods: DLBacktrace (the rule registry) and the gradient family (jax.grad on the
 # same imported forward, dlbjax/engine/gradient.py)
-METHODS = (DLB,) + GRADIENT_METHODS
+# and the LRP family (rules on the same registry: single rules and Zennit's composites,
+# dlbjax/composites.py; a Composite object is accepted too)
+RULE_METHODS = LRP_METHODS + tuple(PRESETS)
+METHODS = (DLB,) + RULE_METHODS + GRADIENT_METHODS
 # the options each method takes (None in a Config: not given, the default below applies)
 METHOD_OPTIONS = {
     DLB: (),
@@ -35,9 +40,20 @@ METHOD_OPTIONS = {
     "gradient-x-input": (),
     "integrated-gradients": ("steps", "baseline", "ig_method"),
     "smoothgrad": ("samples", "noise", "seed", "multiply_by_inputs"),
+    "lrp-0": ("canonize",),
+    "lrp-epsilon": ("epsilon", "canonize"),
+    "lrp-gamma": ("gamma", "stabilizer", "canonize"),
+    "lrp-alpha-beta": ("alpha", "beta", "stabilizer", "canonize"),
+    "flat": ("stabilizer", "canonize"),
+    "w-square": ("stabilizer", "canonize"),
+    "zb": ("low", "high", "epsilon", "stabilizer", "canonize"),
+    "composite": (),  # a Composite object carries its own rules, parameters and canonize flag
+    **{name: opts + ("canonize",) for name, (_, opts) in PRESETS.items()},
 }
 METHOD_DEFAULTS = {"steps": 50, "baseline": 0.0, "ig_method": "riemann_trapezoid",
-                   "samples": 25, "noise": 0.15, "seed": 0, "multiply_by_inputs": False}
+                   "samples": 25, "noise": 0.15, "seed": 0, "multiply_by_inputs": False,
+                   "epsilon": 1e-6, "gamma": 0.25, "alpha": 2.0, "beta": 1.0,
+                   "stabilizer": 1e-6, "low": None, "high": None, "canonize": True}
 
 
 @dataclass(frozen=True)
@@ -111,6 +127,14 @@ class Config:
     noise: Optional[float] = None
     seed: Optional[int] = None
     multiply_by_inputs: Optional[bool] = None
+    epsilon: Optional[float] = None
+    gamma: Optional[float] = None
+    alpha: Optional[float] = None
+    beta: Optional[float] = None
+    stabilizer: Optional[float] = None
+    low: Any = None
+    high: Any = None
+    canonize: Optional[bool] = None
 
     def __post_init__(self):
         mode = self.mode
@@ -148,11 +172,19 @@ class Config:
     def _check_method(self) -> None:
         set_ = object.__setattr__
         method = self.method
-        name = method.lower().replace("_", "-") if isinstance(method, str) else None
-        if name not in METHODS:
-            raise MethodError(f"unknown method {method!r}; known methods are "
-                              f"{', '.join(map(repr, METHODS))}")
-        set_(self, "method", name)
+        if isinstance(method, (dict, list)):
+            method = Composite(method)
+        if isinstance(method, Composite):
+            name = "composite"
+        else:
+            name = method.lower().replace("_", "-") if isinstance(method, str) else None
+            name = _PRESET_SPELLINGS.get(name, name)
+            if name not in METHODS:
+                raise MethodError(f"unknown method {method!r}; known methods are "
+                                  f"{', '.join(map(repr, METHODS))}, or a "
+                                  "dlbjax.composites.Composite")
+            method = name
+        set_(self, "method", method)
         takes = METHOD_OPTIONS[name]
         given = [k for k in METHOD_DEFAULTS if getattr(self, k) is not None]
         wrong = [k for k in given if k not in takes]
@@ -168,9 +200,12 @@ class Config:
         if self.mode != "default":
             raise MethodError(f"method {name!r} has one signed map; contrastive mode is defined "
                               "for method='dlb' only")
+        if name in RULE_METHODS or name == "composite":
+            self._check_rule_options(name)
+            return
         if self.layers:
             raise MethodError(f"layers=True (per-layer relevance) is defined for method='dlb' "
-                              f"only, not {name!r}")
+                              f"and the LRP family, not {name!r}")
         if self.steps is not None:
             if isinstance(self.steps, bool) or not isinstance(self.steps, (int, np.integer)) \
                     or self.steps < 1:
@@ -216,17 +251,75 @@ class Config:
         if self.multiply_by_inputs is not None:
             set_(self, "multiply_by_inputs", bool(self.multiply_by_inputs))
 
+    def _check_rule_options(self, name: str) -> None:
+        set_ = object.__setattr__
+        for k in ("epsilon", "gamma", "stabilizer"):
+            v = getattr(self, k)
+            if v is None:
+                continue
+            try:
+                f = float(v)
+            except (TypeError, ValueError):
+                raise MethodError(f"{k} must be a number >= 0, not {v!r}") from None
+            if not math.isfinite(f) or f < 0:
+                raise MethodError(f"{k} must be a finite number >= 0, not {v!r}")
+            set_(self, k, f)
+        if self.canonize is not None:
+            set_(self, "canonize", bool(self.canonize))
+        # alpha - beta = 1: one of them given fixes the other
+        if self.alpha is not None or self.beta is not None:
+            a = float(self.alpha) if self.alpha is not None else float(self.beta) + 1.0
+            b = float(self.beta) if self.beta is not None else a - 1.0
+            if a < 0 or b < 0 or abs(a - b - 1.0) > 1e-12:
+                raise MethodError(f"lrp-alpha-beta needs alpha, beta >= 0 and alpha - beta = 1 "
+                                  f"(Bach et al. 2015), not alpha={a}, beta={b}")
+            set_(self, "alpha", a)
+            set_(self, "beta", b)
+        if name in ("zb", "epsilon-gamma-box") and (self.low is None or self.high is None):
+            raise MethodError(f"method {name!r} needs low= and high=, the bounds of the input "
+                              "(numbers, or arrays broadcasting to one input row, e.g. per "
+                              "channel)")
+        self.composite  # builds it: a bad rule parameter raises here
+
+    @property
+    def composite(self) -> Optional[Composite]:
+        """The rules of an LRP-family method as a Composite (None for other methods)."""
+        if isinstance(self.method, Composite):
+            return self.method
+        if self.method not in RULE_METHODS:
+            return None
+        v = {k: (getattr(self, k) if getattr(self, k) is not None else d)
+             for k, d in METHOD_DEFAULTS.items()}
+        name, stab, canon = self.method, v["stabilizer"], v["canonize"]
+        if name in PRESETS:
+            preset, opts = PRESETS[name]
+            return preset(**{k: v[k] for k in opts}, canonize=canon)
+        if name == "zb":  # defined for the layer that reads the input; epsilon above it
+            return Composite([("first", ("zb", {"low": v["low"], "high": v["high"]}))],
+                             default=("lrp-epsilon", {"epsilon": v["epsilon"]}), stabilizer=stab,
+                             canonize=canon, name="zb")
+        params = {k: v[k] for k in METHOD_OPTIONS[name] if k not in ("canonize", "stabilizer")}
+        return Composite((), default=(name, params), stabilizer=stab, canonize=canon, name=name)
+
+    @property
+    def method_name(self) -> str:
+        """The method as a name (a Composite object reports its ``name``)."""
+        return self.method.name if isinstance(self.method, Composite) else self.method
+
     @property
     def gradient_params(self) -> Optional[GradientParams]:
-        """The static options of a gradient-family method (None for DLB)."""
-        if self.method == DLB:
+        """The static options of a gradient-family method (None for DLB and the LRP family)."""
+        if self.method not in GRADIENT_METHODS:
             return None
         values = {k: (getattr(self, k) if getattr(self, k) is not None else d)
-                  for k, d in METHOD_DEFAULTS.items()}
+                  for k, d in METHOD_DEFAULTS.items() if k in _GRADIENT_FIELDS}
         return GradientParams(method=self.method, **values)
 
     def method_options(self) -> dict:
         """The method and the options it ran with (defaults filled in), e.g. for a manifest."""
+        composite = self.composite
+        if composite is not None:
+            return {"method": self.method_name, "rules": composite.describe()}
         params = self.gradient_params
         if params is None:
             return {"method": DLB}
@@ -254,6 +347,12 @@ class Config:
 
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+_GRADIENT_FIELDS = ("steps", "baseline", "ig_method", "samples", "noise", "seed",
+                    "multiply_by_inputs")
+# CamelCase preset names (Zennit's class names) accepted as method strings
+_PRESET_SPELLINGS = {n.replace("-", ""): n for n in PRESETS}
 
 
 def _phi(phi) -> float:

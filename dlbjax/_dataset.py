@@ -178,7 +178,8 @@ def _config(ex) -> dict:
     }
     if ex.config.method != "dlb":  # (a DLB manifest keeps its earlier keys: resumable)
         out["method"] = ex.config.method_options()
-        out["multiplier"] = 1.0
+        if ex.config.gradient_params is not None:
+            out["multiplier"] = 1.0
     return out
 
 

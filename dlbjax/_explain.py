@@ -82,7 +82,11 @@ class Explainer:
                  thresholding: float = 0.5, method: str = "dlb", steps: Optional[int] = None,
                  baseline: Any = None, ig_method: Optional[str] = None,
                  samples: Optional[int] = None, noise: Optional[float] = None,
-                 seed: Optional[int] = None, multiply_by_inputs: Optional[bool] = None):
+                 seed: Optional[int] = None, multiply_by_inputs: Optional[bool] = None,
+                 epsilon: Optional[float] = None, gamma: Optional[float] = None,
+                 alpha: Optional[float] = None, beta: Optional[float] = None,
+                 stabilizer: Optional[float] = None, low: Any = None, high: Any = None,
+                 canonize: Optional[bool] = None):
         self.config = Config(
             mode=mode, multiplier=multiplier, task=task, layers=layers, output=output,
             batch_axis=batch_axis, experimental_gating=experimental_gating,
@@ -91,7 +95,8 @@ class Explainer:
             precompute_magnitudes=precompute_magnitudes, max_batch=max_batch, devices=devices,
             thresholding=thresholding, method=method, steps=steps, baseline=baseline,
             ig_method=ig_method, samples=samples, noise=noise, seed=seed,
-            multiply_by_inputs=multiply_by_inputs)
+            multiply_by_inputs=multiply_by_inputs, epsilon=epsilon, gamma=gamma, alpha=alpha,
+            beta=beta, stabilizer=stabilizer, low=low, high=high, canonize=canonize)
         self._bucketing: Optional[Bucketing] = None
         self.runner: Optional[Runner] = None
         if self.config.buckets is not None:

@@ -12,6 +12,7 @@ running it is the runner's job (``dlbjax._runner``).
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -32,6 +33,8 @@ from .engine.interpret import constants_to_jax
 from .engine.relevance import relevance_row
 from .importers import BoundInputs, bind_inputs, import_bound, static_experts_copy, tensor_to_numpy
 from .ir import Program
+from .composites import resolve
+from .passes.canonize import fold_batch_norm
 from .passes.fuse import fuse_modules
 from .passes.magnitudes import precompute_magnitudes
 from .passes.moe import find_moe_layers
@@ -74,6 +77,9 @@ class Plan:
     compute_dtype: Optional[str]
     model_name: str = ""
     constant_names: tuple = ()  # columns of RowResult.constants (dlbjax.engine.origins)
+    # the program as imported, before a method's own passes (batch-norm folding of the LRP
+    # family): what Plan.replace derives from
+    imported: Optional[Program] = None
 
     def replace(self, config: Config) -> "Plan":
         """The same imported program under other options: re-analysed, its task resolved again, its
@@ -83,8 +89,9 @@ class Plan:
         if changed:
             raise ValueError(f"{', '.join(changed)} change the imported program; build a new "
                              "Explainer for them")
-        return _derive(config, self.program, self.input_names, self.row_specs,
-                       self.compute_dtype, self.model_name, self.consts)
+        return _derive(config, self.imported if self.imported is not None else self.program,
+                       self.input_names, self.row_specs, self.compute_dtype, self.model_name,
+                       self.consts)
 
     def check_task(self) -> Task:
         if self.task_error is not None:
@@ -211,6 +218,14 @@ def _derive(config: Config, program: Program, input_names: tuple, row_specs: tup
     """Everything of a Plan that follows from the imported program and the options
     (``consts``: the JAX constants when already converted and checked)."""
     options = config.options
+    imported = program
+    composite = config.composite
+    if composite is not None:  # the LRP family: its rules chosen per equation
+        if composite.canonize:
+            program, _ = fold_batch_norm(program)
+        # Options.method names the method in reports; every equation's rule is in choices
+        options = dataclasses.replace(options, method=config.method_name,
+                                      choices=resolve(composite, program))
     explained = _output_index(program, config.output)
     analysis = analyze(program, options, explained)
     analysis.raise_if_unsupported()
@@ -244,7 +259,7 @@ def _derive(config: Config, program: Program, input_names: tuple, row_specs: tup
                 out_size=task.size(out_var.shape) if task else 0, consts=consts, mags=mags,
                 moe_layers=moe, x64=x64, compute_dtype=compute_dtype, model_name=model_name,
                 constant_names=constant_slots(program, analysis, options.method)[0]
-                if gradient is None else ())
+                if gradient is None else (), imported=imported)
 
 
 def _output_index(program: Program, output) -> int:

@@ -20,8 +20,14 @@ operand i of a product is a softmax output). The engine wraps every rule in a ``
 whose forward is the op's lowering, so the whole relevance pass is one VJP of the model's forward.
 
 Methods: ``"dlb"`` (the DLBacktrace rules of the specification) is the default and must cover
-every relevance-carrying op. Another method registers rules for the ops it changes; every other op
-keeps its DLB rule (:func:`get_rule`). ``Options.method`` picks the method for a whole pass.
+every relevance-carrying op. Another method registers rules for the ops it changes; what it does
+not register comes from its parent (:func:`declare_method`) and finally from DLB: every DLB rule
+for an undeclared method, only the DLB rules registered ``shared=True`` (method-independent
+facts: exact index maps, identities of activations and norms, winner-takes-all max, products)
+for a method declared with ``dlb="shared"`` (the LRP family), so that an op such a method has no
+rule for is reported, never explained with another method's rule (:func:`get_rule`).
+``Options.method`` picks the method of a pass, ``Options.params`` its parameters (handed to the
+rules as ``ctx.params``), ``Options.choices`` a (method, params) pair per equation (composites).
 """
 
 from __future__ import annotations
@@ -35,7 +41,8 @@ from dlbjax._errors import DuplicateRegistrationError
 from dlbjax._types import Streams
 
 __all__ = ["Rule", "RULES", "RULE_TABLE", "register", "get_rule", "methods", "Streams",
-           "RuleContext", "RuleResult", "GateSpec", "PER_STREAM", "Options", "carried", "DLB"]
+           "RuleContext", "RuleResult", "GateSpec", "PER_STREAM", "Options", "carried", "DLB",
+           "Method", "declare_method", "declared_methods"]
 
 DLB = "dlb"  # the default method: DLBacktrace's rules (the specification)
 PER_STREAM = "per-stream"  # contrastive rule = the default rule applied to each stream (linear rules)
@@ -62,10 +69,23 @@ class Options:
     phi: float = 0.5  # attention value fraction (spec §4.9 step 2, §9.8)
     router_relevance: bool = False  # MoE routing weights carry relevance (issue: MoE)
     method: str = DLB  # which registered rules to use (see the module docstring)
+    params: tuple = ()  # the method's parameters, sorted (name, value) pairs (ctx.params)
+    # composites: one (method, params) per equation index; () = ``method`` for every equation
+    choices: tuple = field(default=(), repr=False)
 
     @property
     def contrastive(self) -> bool:
         return self.mode == "contrastive"
+
+    def choice(self, index: int) -> tuple:
+        """(method, params) of equation ``index``."""
+        if self.choices and index < len(self.choices) and self.choices[index] is not None:
+            return self.choices[index]
+        return self.method, self.params
+
+    def rule(self, index: int, op: str) -> Optional["Rule"]:
+        """The rule equation ``index`` (an ``op``) runs under these options."""
+        return get_rule(op, self.choice(index)[0])
 
 
 @dataclass(frozen=True)
@@ -78,6 +98,7 @@ class RuleContext:
     where: str
     info: dict = field(default_factory=dict)  # static facts from the analysis (e.g. attention)
     magnitudes: dict = field(default_factory=dict)  # arg position -> precomputed |constant arg|
+    params: dict = field(default_factory=dict)  # the method's parameters (epsilon, gamma, ...)
 
     @property
     def out(self):
@@ -123,6 +144,42 @@ class Rule:
     check: Optional[Callable] = None
     section: str = ""
     family: str = ""
+    shared: bool = False  # a method-independent DLB rule that methods declared dlb="shared" reuse
+
+
+@dataclass(frozen=True)
+class Method:
+    """A declared rule method: ``parent`` fills in the ops it does not register; ``dlb`` says
+    which DLB rules fill in after that: ``"all"`` or ``"shared"`` (only rules registered
+    ``shared=True``; any other op is unsupported under this method)."""
+
+    name: str
+    parent: Optional[str] = None
+    dlb: str = "all"
+    doc: str = ""
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def declare_method(name: str, parent: Optional[str] = None, dlb: str = "all",
+                   doc: str = "") -> Method:
+    """Declare a rule method (see :class:`Method`); declaring a name twice raises
+    DuplicateRegistrationError."""
+    if name in _METHODS or name == DLB:
+        raise DuplicateRegistrationError(f"method {name!r} is already declared")
+    if dlb not in ("all", "shared"):
+        raise ValueError(f"dlb must be 'all' or 'shared', not {dlb!r}")
+    if parent is not None and parent != DLB and parent not in _METHODS:
+        raise ValueError(f"parent method {parent!r} of {name!r} is not declared")
+    m = Method(name, None if parent == DLB else parent, dlb, doc)
+    _METHODS[name] = m
+    return m
+
+
+def declared_methods() -> Mapping[str, Method]:
+    """Every declared method by name (DLB is not declared: it is the base)."""
+    return MappingProxyType(_METHODS)
 
 
 _TABLE: dict[tuple[str, str], Rule] = {}
@@ -147,10 +204,12 @@ RULES: Mapping[str, Rule] = _DefaultRules()
 
 def register(*ops: str, default: Callable, contrastive: Any = PER_STREAM, affine: bool = False,
              route: bool = False, gate: Optional[Callable] = None, outputs: Optional[tuple] = None,
-             check: Optional[Callable] = None, section: str = "", method: str = DLB) -> tuple:
+             check: Optional[Callable] = None, section: str = "", method: str = DLB,
+             shared: bool = False) -> tuple:
     """Register ``default`` (and ``contrastive``) as the ``method`` rule of the given ATen ops.
 
-    Each (op, method) pair has one rule: registering it again raises DuplicateRegistrationError.
+    ``shared``: a DLB rule that holds for every method (see the module docstring). Each
+    (op, method) pair has one rule: registering it again raises DuplicateRegistrationError.
     Returns the registered Rule records."""
     family = sys._getframe(1).f_globals.get("__name__", "").rsplit(".", 1)[-1]  # the caller
     out = []
@@ -160,7 +219,7 @@ def register(*ops: str, default: Callable, contrastive: Any = PER_STREAM, affine
                 f"{op} already has a {method!r} rule (from rules/{_TABLE[(op, method)].family}.py); "
                 "register another method instead of replacing it")
         rule = Rule(op, method, default, contrastive, affine, route, gate, outputs, check, section,
-                    family)
+                    family, shared)
         _TABLE[(op, method)] = rule
         out.append(rule)
     return tuple(out)
@@ -172,11 +231,26 @@ def carried(c) -> bool:
 
 
 def get_rule(op: str, method: str = DLB) -> Optional[Rule]:
-    """The ``method`` rule of ``op``, or its DLB rule when the method does not override it."""
-    return _TABLE.get((op, method)) or _TABLE.get((op, DLB))
+    """The ``method`` rule of ``op``; else its parents' (declared methods); else its DLB rule,
+    which a method declared ``dlb="shared"`` takes only when it is registered ``shared=True``.
+    None: the method has no rule for ``op``."""
+    m, only_shared = method, False
+    while m is not None and m != DLB:
+        rule = _TABLE.get((op, m))
+        if rule is not None:
+            return rule
+        decl = _METHODS.get(m)
+        if decl is None:
+            break
+        only_shared = only_shared or decl.dlb == "shared"
+        m = decl.parent
+    rule = _TABLE.get((op, DLB))
+    if rule is not None and only_shared and not rule.shared:
+        return None
+    return rule
 
 
 def methods() -> tuple:
-    """Every registered method name (``"dlb"`` first)."""
-    names = sorted({m for _, m in _TABLE} - {DLB})
+    """Every registered or declared method name (``"dlb"`` first)."""
+    names = sorted(({m for _, m in _TABLE} | set(_METHODS)) - {DLB})
     return (DLB,) + tuple(names)

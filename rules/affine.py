@@ -16,6 +16,10 @@ smaller to the others; one-sided units send both streams to the only side; no ga
 Both are computed in the sign-split GEMM form (§2.6): P and N from two forward products of
 [x+, x-] with W+ and W-, and the input relevance from two transposed products; the transposes are
 ``jax.linear_transpose`` of the op itself, so every conv variant is exact by construction.
+
+The LRP family (``lrp-0``, ``lrp-epsilon``, ``lrp-gamma``, ``lrp-alpha-beta``, ``flat``,
+``w-square``, ``zb``; formulas in ``rules/_lrp.py``) registers one rule per method for the same
+ops, from the same (lin, x, W, b) parts; a product of two activations has no LRP rule here.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import jax.numpy as jnp
 from dlbjax.lowerings import HIGHEST
 from dlbjax.lowerings.affine import conv_nd, conv_transpose_nd
 
+from ._lrp import LRP_METHODS, UNITS
 from ._math import linear_operator_rule
 from ._registry import RuleResult, Streams, carried, register
 from .attention import bilinear_shares
@@ -168,3 +173,85 @@ def _conv_transpose(ctx, R, input, weight, bias=None, stride=1, padding=0, outpu
 register("aten.conv_transpose1d.default", "aten.conv_transpose2d.input",
          "aten.conv_transpose3d.input", default=_conv_transpose, contrastive=_conv_transpose,
          affine=True, check=_only_first, section="§2.6, §4.1")
+
+
+# ---- the LRP family (rules/_lrp.py): the same ops, one registration per method ------------------
+# each op's parts: (number of positional args, relevance-carrying position, lin, x, W, bias or None)
+def _linear_parts(ctx, input, weight, bias=None):
+    b = None if bias is None else jnp.broadcast_to(bias, ctx.out.shape)
+    return 3, 0, _linear_lin, input, weight, b
+
+
+def _addmm_parts(ctx, self, mat1, mat2, *, beta=1, alpha=1):
+    b = jnp.broadcast_to(self * beta, ctx.out.shape)
+    if ctx.carrying(1):
+        return 3, 1, _matmul, mat1, mat2 * alpha, b
+    return 3, 2, _rmatmul, mat2, mat1 * alpha, b
+
+
+def _mm_parts(ctx, self, other):
+    if ctx.carrying(0):
+        return 2, 0, _matmul, self, other, None
+    return 2, 1, _rmatmul, other, self, None
+
+
+def _convolution_parts(ctx, input, weight, bias, stride, padding, dilation, transposed,
+                       output_padding, groups):
+    if transposed:
+        def lin(x, w):
+            return conv_transpose_nd(x, w, stride, padding, output_padding, groups, dilation)
+    else:
+        def lin(x, w):
+            return conv_nd(x, w, stride, padding, dilation, groups)
+    return 9, 0, lin, input, weight, _channel_bias(bias, weight, ctx.out)
+
+
+def _conv_parts(ctx, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    def lin(x, w):
+        return conv_nd(x, w, stride, padding, dilation, groups)
+    return 7, 0, lin, input, weight, _channel_bias(bias, weight, ctx.out)
+
+
+def _conv_transpose_parts(ctx, input, weight, bias=None, stride=1, padding=0, output_padding=0,
+                          groups=1, dilation=1):
+    def lin(x, w):
+        return conv_transpose_nd(x, w, stride, padding, output_padding, groups, dilation)
+    return 8, 0, lin, input, weight, _channel_bias(bias, weight, ctx.out)
+
+
+def _lrp_rule(parts, method):
+    unit = UNITS[method]
+
+    def rule(ctx, R, *args, **kwargs):
+        nargs, pos, lin, x, w, b = parts(ctx, *args, **kwargs)
+        rel, kept = unit(lin, x, w, b, R, ctx.params)
+        out = [None] * nargs
+        out[pos] = rel
+        return RuleResult(tuple(out), kept)
+
+    rule.__doc__ = f"The {method} rule of an affine op (rules/_lrp.py)."
+    return rule
+
+
+def _lrp_mm_check(carries):
+    if carried(carries[0]) and carried(carries[1]):
+        return ("a product of two activations (attention scores, A @ V): the LRP rules of this "
+                "method are defined for a constant weight; use method='attnlrp' (its uniform "
+                "bilinear rule) or method='dlb'")
+    return None
+
+
+_LRP_OPS = (
+    (("aten.linear.default",), _linear_parts, _only_first),
+    (("aten.addmm.default",), _addmm_parts, _addmm_check),
+    (("aten.mm.default", "aten.bmm.default", "aten.matmul.default"), _mm_parts, _lrp_mm_check),
+    (("aten.convolution.default",), _convolution_parts, _only_first),
+    (("aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default", "aten.conv1d.padding",
+      "aten.conv2d.padding", "aten.conv3d.padding"), _conv_parts, _only_first),
+    (("aten.conv_transpose1d.default", "aten.conv_transpose2d.input",
+      "aten.conv_transpose3d.input"), _conv_transpose_parts, _only_first),
+)
+for _method in LRP_METHODS:
+    for _ops, _parts, _check in _LRP_OPS:
+        register(*_ops, default=_lrp_rule(_parts, _method), check=_check, method=_method,
+                 section=f"LRP {_method}")

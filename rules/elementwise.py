@@ -8,6 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ._lrp import LRP, lrp_divide
 from ._math import relu, safe_div, unbroadcast, unit_rule
 from ._registry import GateSpec, RuleResult, Streams, register
 
@@ -60,6 +61,28 @@ def _add(ctx, R, *args, **kwargs):
 
 register("aten.add.Tensor", "aten.add.Scalar", "aten.sub.Tensor", "aten.sub.Scalar",
          "aten.rsub.Scalar", "aten.rsub.Tensor", default=_add, contrastive=_add, section="§4.4, §9.1")
+
+
+def _lrp_add(ctx, R, *args, **kwargs):
+    """LRP family (rules/_lrp.py): the z-rule of a sum (Zennit's ``Norm`` on ``Sum``): operand m
+    gets R v_m / stab(sum_n v_n) of its signed contribution v_m; a constant addend keeps its share
+    (reported as absorbed). ``stabilizer`` from the method's parameters (1e-6)."""
+    out = ctx.out
+    terms = _add_terms(ctx.op, args, kwargs)
+    g = lrp_divide(R, out, ctx.params.get("stabilizer", 1e-6))
+    result, kept = [None] * len(args), None
+    for p, v in terms:
+        share = g * jnp.broadcast_to(jnp.asarray(v, out.dtype), out.shape)
+        if ctx.carrying(p):
+            result[p] = unbroadcast(share, jnp.shape(args[p]))
+        else:
+            kept = jnp.sum(share) if kept is None else kept + jnp.sum(share)
+    return RuleResult(tuple(result), kept)
+
+
+register("aten.add.Tensor", "aten.add.Scalar", "aten.sub.Tensor", "aten.sub.Scalar",
+         "aten.rsub.Scalar", "aten.rsub.Tensor", default=_lrp_add, method=LRP,
+         section="LRP z-rule")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -118,7 +141,7 @@ def _mul(ctx, R, self, other):
     return None, unbroadcast(R, shape_b)
 
 
-register("aten.mul.Tensor", "aten.mul.Scalar", default=_mul, section="§4.8, §9.5")
+register("aten.mul.Tensor", "aten.mul.Scalar", default=_mul, section="§4.8, §9.5", shared=True)
 
 
 def _div(ctx, R, self, other):
@@ -134,7 +157,7 @@ def _div(ctx, R, self, other):
     return unbroadcast(R, jnp.shape(self)), None
 
 
-register("aten.div.Tensor", "aten.div.Scalar", default=_div, section="§4.8, §4.11")
+register("aten.div.Tensor", "aten.div.Scalar", default=_div, section="§4.8, §4.11", shared=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -197,20 +220,20 @@ def _gelu_gate(args, kwargs, options):
 
 
 _SECTION = "§2.2, §4.8, §8.1"
-register("aten.relu.default", default=identity, gate=_gate("relu"), section=_SECTION)
-register("aten.tanh.default", default=identity, gate=_gate("tanh"), section=_SECTION)
-register("aten.sigmoid.default", default=identity, gate=_gate("sigmoid"), section=_SECTION)
-register("aten.softmax.int", "aten._softmax.default", default=identity, gate=_gate("softmax"),
+register("aten.relu.default", default=identity, shared=True, gate=_gate("relu"), section=_SECTION)
+register("aten.tanh.default", default=identity, shared=True, gate=_gate("tanh"), section=_SECTION)
+register("aten.sigmoid.default", default=identity, shared=True, gate=_gate("sigmoid"), section=_SECTION)
+register("aten.softmax.int", "aten._softmax.default", default=identity, shared=True, gate=_gate("softmax"),
          section=_SECTION)
-register("aten.relu6.default", default=identity, gate=_experimental("relu6"), section=_SECTION)
-register("aten.hardtanh.default", default=identity, gate=_hardtanh_gate, section=_SECTION)
-register("aten.hardsigmoid.default", default=identity, gate=_experimental("hardsigmoid"),
+register("aten.relu6.default", default=identity, shared=True, gate=_experimental("relu6"), section=_SECTION)
+register("aten.hardtanh.default", default=identity, shared=True, gate=_hardtanh_gate, section=_SECTION)
+register("aten.hardsigmoid.default", default=identity, shared=True, gate=_experimental("hardsigmoid"),
          section=_SECTION)
-register("aten.silu.default", default=identity, gate=_experimental("silu"), section="§2.2, §9.6")
-register("aten.gelu.default", default=identity, gate=_gelu_gate, section="§2.2, §9.6")
+register("aten.silu.default", default=identity, shared=True, gate=_experimental("silu"), section="§2.2, §9.6")
+register("aten.gelu.default", default=identity, shared=True, gate=_gelu_gate, section="§2.2, §9.6")
 register("aten.clamp.default", "aten.clamp_min.default", "aten.clamp_max.default",
-         default=identity, section="§2.2 (null entry), §4.8")
+         default=identity, shared=True, section="§2.2 (null entry), §4.8")
 register("aten.leaky_relu.default", "aten.elu.default", "aten.selu.default", "aten.celu.default",
          "aten.softplus.default", "aten.mish.default", "aten.hardswish.default",
          "aten.log_sigmoid.default", "aten.log_softmax.int", "aten._log_softmax.default",
-         "aten.neg.default", default=identity, section="§2.2 (null entries), §4.8")
+         "aten.neg.default", default=identity, shared=True, section="§2.2 (null entries), §4.8")

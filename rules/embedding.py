@@ -32,7 +32,8 @@ def _check(carries):
     return None
 
 
-register("aten.embedding.default", default=_embedding, check=_check, section="§4.6, §9.3")
+register("aten.embedding.default", default=_embedding, check=_check, shared=True,
+         section="§4.6, §9.3")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -28,4 +28,4 @@ def _fused_check(carries):
 
 
 register(FUSED_OP, default=_fused_identity, gate=_fused_gate, check=_fused_check,
-         section="§4.8, §9.4, §9.6")
+         shared=True, section="§4.8, §9.4, §9.6")

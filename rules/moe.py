@@ -13,4 +13,4 @@ from .shape import route
 
 __all__ = []
 
-register("aten.topk.default", default=route, outputs=(0,), section="§4.3 (MoE routing)")
+register("aten.topk.default", default=route, outputs=(0,), shared=True, section="§4.3 (MoE routing)")

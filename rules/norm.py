@@ -14,7 +14,7 @@ from .elementwise import identity
 __all__ = []
 
 register("aten._native_batch_norm_legit_no_training.default", "aten.native_layer_norm.default",
-         default=identity, outputs=(0,), section="§4.8, §8.10, §9.4")
+         default=identity, outputs=(0,), shared=True, section="§4.8, §8.10, §9.4")
 register("aten.batch_norm.default", "aten.layer_norm.default", "aten.group_norm.default",
          "aten.rms_norm.default", "aten.dropout.default", "aten.feature_dropout.default",
-         "aten.alpha_dropout.default", default=identity, section="§4.8, §8.10, §9.4")
+         "aten.alpha_dropout.default", default=identity, shared=True, section="§4.8, §8.10, §9.4")

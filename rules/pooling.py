@@ -19,10 +19,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from dlbjax.lowerings import LOWERINGS
 from dlbjax.lowerings import reduce_axes as _dims
 from dlbjax.lowerings import windows as W
 from dlbjax.lowerings.pooling import adaptive_table, pool_table
 
+from ._lrp import LRP, z_rule
 from ._math import unit_rule
 from ._registry import Streams, register
 
@@ -90,10 +92,11 @@ def _adaptive_avg(nd):
 
 
 for _nd in (1, 2, 3):
-    register(f"aten.max_pool{_nd}d.default", default=_max_pool(_nd), section="§4.2, §8.6")
-    register(f"aten.max_pool{_nd}d_with_indices.default", default=_max_pool(_nd), outputs=(0,),
+    register(f"aten.max_pool{_nd}d.default", default=_max_pool(_nd), shared=True,
              section="§4.2, §8.6")
-    register(f"aten.adaptive_max_pool{_nd}d.default", default=_adaptive_max(_nd), outputs=(0,),
+    register(f"aten.max_pool{_nd}d_with_indices.default", default=_max_pool(_nd), outputs=(0,), shared=True,
+             section="§4.2, §8.6")
+    register(f"aten.adaptive_max_pool{_nd}d.default", default=_adaptive_max(_nd), outputs=(0,), shared=True,
              section="§4.2, §8.6")
     register(f"aten.avg_pool{_nd}d.default", default=_avg_pool(_nd), contrastive=_avg_pool(_nd),
              section="§4.2, §8.7")
@@ -128,7 +131,7 @@ def _max_reduce(ctx, R, self, dim=None, keepdim=False):
     return (jnp.where(winners, r / jnp.maximum(count, 1), 0).astype(r.dtype),)
 
 
-register("aten.max.dim", "aten.amax.default", default=_max_reduce, outputs=(0,),
+register("aten.max.dim", "aten.amax.default", default=_max_reduce, outputs=(0,), shared=True,
          section="§4.2 (global max pool)")
 
 
@@ -140,3 +143,39 @@ register("aten.mean.dim", "aten.sum.dim_IntList", default=_reduce, contrastive=_
          section="§4.2, §9.13")
 register("aten.mean.default", "aten.sum.default", default=_reduce_all, contrastive=_reduce_all,
          section="§4.2, §9.13")
+
+
+def _lrp_norm(ctx, R, self, *rest, **kwargs):
+    """LRP family (rules/_lrp.py): the z-rule of an average pool or a mean/sum reduction (Zennit's
+    ``Norm`` on ``AvgPool``): ``R_x = x * T_f(R / stab(f(x)))``, T_f the transpose of the op's own
+    forward, so padding, ceil mode and divisors are exact. ``stabilizer`` (1e-6)."""
+    f = LOWERINGS[ctx.op]
+    (rel,) = z_rule(lambda u: f(u, *rest, **kwargs), (self,), _first(R),
+                    ctx.params.get("stabilizer", 1e-6))
+    return (rel,)
+
+
+def _lrp_max_pool(ctx, R, self, *rest, **kwargs):
+    """LRP family: a max pool routes relevance like its gradient, to the first maximum of each
+    window (torch's max-pool backward, and so Zennit's unhooked max pools); DLB splits exact
+    ties evenly (§4.2). They differ only on tied windows, e.g. all-zero ReLU outputs, where the
+    flat and w-square rules still send relevance."""
+    f = LOWERINGS[ctx.op]
+    def fn(u):
+        out = f(u, *rest, **kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    _, vjp = jax.vjp(fn, self)
+    return vjp(_first(R).astype(self.dtype))
+
+
+register(*(f"aten.max_pool{n}d.default" for n in (1, 2, 3)), default=_lrp_max_pool, method=LRP,
+         section="LRP (gradient routing)")
+register(*(f"aten.max_pool{n}d_with_indices.default" for n in (1, 2, 3)),
+         *(f"aten.adaptive_max_pool{n}d.default" for n in (1, 2, 3)),
+         default=_lrp_max_pool, method=LRP, outputs=(0,), section="LRP (gradient routing)")
+register(*(f"aten.avg_pool{n}d.default" for n in (1, 2, 3)),
+         *(f"aten.adaptive_avg_pool{n}d.default" for n in (1, 2, 3)),
+         *(f"aten._adaptive_avg_pool{n}d.default" for n in (1, 2, 3)),
+         "aten.mean.dim", "aten.sum.dim_IntList", "aten.mean.default", "aten.sum.default",
+         default=_lrp_norm, method=LRP, section="LRP z-rule")

@@ -63,6 +63,6 @@ _NEAREST = [f"aten.{n}.{o}" for n, (m, _, _) in MODES.items() if m.startswith("n
             for o in ("vec", "default")]
 register(*_LINEAR, default=_interpolation, contrastive=_interpolation,
          section="§2.1, §3.2, §8.7 (fixed linear map)")
-register(*_NEAREST, default=route, section="§4.3 (nearest: an index map)")
-register("aten.pixel_shuffle.default", "aten.pixel_unshuffle.default", default=route,
+register(*_NEAREST, default=route, shared=True, section="§4.3 (nearest: an index map)")
+register("aten.pixel_shuffle.default", "aten.pixel_unshuffle.default", default=route, shared=True,
          section="§4.3")

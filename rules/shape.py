@@ -112,10 +112,10 @@ register(
     "aten.flip.default", "aten.roll.default", "aten.narrow.default", "aten.index_select.default",
     "aten.index.Tensor", "aten.gather.default", "aten.slice_scatter.default",
     "aten.select_scatter.default", "aten.copy.default",
-    default=route, route=True, section="§4.3, §4.5, §9.12")
+    default=route, route=True, shared=True, section="§4.3, §4.5, §9.12")
 
 # dtype casts and where-style selection: exact routing too, but never for token ids
 register("aten._to_copy.default", "aten.to.dtype", "aten.type_as.default",
          "aten.where.self", "aten.where.ScalarSelf", "aten.where.ScalarOther",
          "aten.masked_fill.Scalar", "aten.masked_fill.Tensor",
-         default=route, section="§4.11, §9.1")
+         default=route, shared=True, section="§4.11, §9.1")

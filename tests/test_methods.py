@@ -281,7 +281,7 @@ def test_replace_switches_method_without_reexport(mlp, x_mlp):
 # typed errors
 # ------------------------------------------------------------------------------------------------
 def test_method_errors(mlp, x_mlp):
-    with pytest.raises(MethodError, match="known methods are 'dlb', 'gradient'"):
+    with pytest.raises(MethodError, match="known methods are 'dlb', 'lrp-0'.*'gradient'"):
         dlbjax.explain(mlp, x_mlp, method="lrp-7")
     with pytest.raises(MethodError, match="method 'dlb' takes no option steps="):
         dlbjax.explain(mlp, x_mlp, steps=10)

@@ -16,7 +16,7 @@ from dlbjax._errors import UnsupportedOp, UnsupportedOperationError
 from dlbjax.engine.interpret import missing_lowerings
 from dlbjax.ir import Program, Var, iter_vars
 from dlbjax.lowerings import Kind, is_kind
-from dlbjax.rules import Options, get_rule
+from dlbjax.rules import DLB, Options, get_rule
 
 __all__ = ["Analysis", "analyze"]
 
@@ -37,8 +37,13 @@ class Analysis:
             raise UnsupportedOperationError(self.problems)
 
 
-def _hint(op: str) -> str:
+def _hint(op: str, method: str = DLB) -> str:
     short = op.split(".")[1] if op.count(".") >= 2 else op
+    if method != DLB and get_rule(op, DLB) is not None:
+        return (f"method {method!r} has no relevance rule for '{short}' (DLB has one, which "
+                "belongs to DLB's semantics, so it is not borrowed): use method='dlb', another "
+                "method that covers it, or register a rule for it "
+                f"(dlbjax.rules.register(..., method={method!r}))")
     return (f"no relevance rule for '{short}'; it would have to pass relevance with no DLB "
             "semantics, so dlbjax refuses. Replace it with a supported layer, detach it from the "
             "explained path, or register a rule (dlbjax.rules.register).")
@@ -80,11 +85,12 @@ def analyze(program: Program, options: Options, explained: int = 0) -> Analysis:
     an = Analysis()
     an.problems.extend(missing_lowerings(program))
     consumers = program.consumers()
-    method = options.method
+    eqns = program.eqns
 
     # integer vars that reach an embedding's index operand through exact index maps
-    for eqn in reversed(program.eqns):
-        rule = get_rule(eqn.op, method)
+    for i in reversed(range(len(eqns))):
+        eqn = eqns[i]
+        rule = options.rule(i, eqn.op)
         if is_kind(eqn.op, Kind.INDEX_TABLE) and len(eqn.args) > 1 and isinstance(eqn.args[1], Var):
             an.tokens.add(eqn.args[1])
         elif rule is not None and rule.route and any(o in an.tokens for o in eqn.outputs):
@@ -94,11 +100,11 @@ def analyze(program: Program, options: Options, explained: int = 0) -> Analysis:
     an.tokens &= an.carries | {o for e in program.eqns for o in e.outputs}
     stops = Kind.NON_VALUE | Kind.STATISTIC
     stabilizers = _softmax_stabilizers(program)
-    for eqn in program.eqns:
+    for i, eqn in enumerate(eqns):
         if _has_any(eqn.op, stops) or (not options.router_relevance and is_kind(eqn.op, Kind.ROUTER)) \
                 or eqn in stabilizers or not any(v in an.carries for v in eqn.inputs):
             continue
-        rule = get_rule(eqn.op, method)
+        rule = options.rule(i, eqn.op)
         idx = rule.outputs if rule is not None and rule.outputs is not None else range(len(eqn.outputs))
         for i in idx:
             v = eqn.outputs[i]
@@ -120,10 +126,10 @@ def analyze(program: Program, options: Options, explained: int = 0) -> Analysis:
     for i, eqn in enumerate(program.eqns):
         if not any(o in an.carries for o in eqn.outputs):
             continue
-        rule = get_rule(eqn.op, method)
+        rule = options.rule(i, eqn.op)
         reason = None
         if rule is None:
-            reason = _hint(eqn.op)
+            reason = _hint(eqn.op, options.method)
         elif any(v in an.carries for v in iter_vars(eqn.kwargs)):
             reason = "a relevance-carrying tensor is passed as a keyword argument; not supported"
         elif rule.check is not None:
@@ -135,8 +141,9 @@ def analyze(program: Program, options: Options, explained: int = 0) -> Analysis:
 
     # activation gating: the activation that directly and solely consumes an affine output (§8.1)
     outputs = list(program.outputs)
+    position = {id(e): i for i, e in enumerate(eqns)}
     for i, eqn in enumerate(program.eqns):
-        rule = get_rule(eqn.op, method)
+        rule = options.rule(i, eqn.op)
         if rule is None or not rule.affine or eqn.outputs[0] not in an.carries:
             continue
         if sum(1 for a in eqn.inputs if a in an.carries) != 1:
@@ -145,7 +152,7 @@ def analyze(program: Program, options: Options, explained: int = 0) -> Analysis:
         uses = consumers.get(v, [])
         if len(uses) + outputs.count(v) != 1 or not uses:
             continue
-        crule = get_rule(uses[0].op, method)
+        crule = options.rule(position[id(uses[0])], uses[0].op)
         if crule is not None and crule.gate is not None:
             spec = crule.gate(uses[0].args, uses[0].kwargs, options)
             if spec is not None:

@@ -218,7 +218,8 @@ def _relevance_call(eqn: Eqn, index: int, env: dict, an: Analysis, options: Opti
     ``psink`` [streams, constants] collects the relevance the rule gives to the float constants
     at ``slots`` (argument path -> column) and, for an index map that writes Python numbers,
     the rest of its output's relevance in column ``fill`` (``dlbjax.engine.origins``)."""
-    rule = get_rule(eqn.op, options.method)
+    method, params = options.choice(index)
+    rule = get_rule(eqn.op, method)
     gate: Optional[GateSpec] = an.gates.get(index)
     info = an.info.get(index, {})
     flat = _Flat()
@@ -281,7 +282,8 @@ def _relevance_call(eqn: Eqn, index: int, env: dict, an: Analysis, options: Opti
         kwargs = _decode(spec_kwargs, leaves)
         ctx = RuleContext(carries=carries, outputs=tuple(outs), gate=gate, options=options,
                           op=eqn.op, where=where, info=info,
-                          magnitudes={p: leaves[j] for p, j in mag_idx.items()})
+                          magnitudes={p: leaves[j] for p, j in mag_idx.items()},
+                          params={k: getattr(v, "value", v) for k, v in params})
         results, absorbed = _call_rule(rule, options, ctx, R, args, kwargs)
         results = tuple(results) if results is not None else ()
         grads = [None] * len(leaves)

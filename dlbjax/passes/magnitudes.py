@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from dlbjax.ir import Program, Var
 from dlbjax.lowerings import Kind, is_kind
 from dlbjax.lowerings.affine import is_transposed_conv
-from dlbjax.rules import Options, get_rule
+from dlbjax.rules import Options
 
 __all__ = ["magnitude_names", "precompute_magnitudes", "conv_weight_names", "split_layouts",
            "restore_layouts"]
@@ -34,7 +34,7 @@ def magnitude_names(program: Program, analysis, options: Options) -> list[str]:
     consts = {c.name for c in program.constants}
     names: list[str] = []
     for i, eqn in enumerate(program.eqns):
-        rule = get_rule(eqn.op, options.method)
+        rule = options.rule(i, eqn.op)
         if rule is None or not rule.affine or not any(o in analysis.carries for o in eqn.outputs):
             continue
         gate = analysis.gates.get(i)
