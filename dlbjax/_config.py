@@ -18,7 +18,7 @@ from ._types import Mode, ProductRule
 from .composites import PRESETS, Composite
 from .engine.gradient import GRADIENT_METHODS, IG_METHODS, ArrayOption, GradientParams
 from .rules import DLB, Options
-from .rules._lrp import LRP_METHODS
+from .rules._lrp import ATTNLRP, LRP_METHODS
 
 __all__ = ["Config", "MODES", "PRODUCT_RULES", "METHODS", "METHOD_OPTIONS"]
 
@@ -31,7 +31,9 @@ PRODUCT_RULES = ("half", "dlb", "signal_take_all")
 # same imported forward, dlbjax/engine/gradient.py)
 # and the LRP family (rules on the same registry: single rules and Zennit's composites,
 # dlbjax/composites.py; a Composite object is accepted too)
-RULE_METHODS = LRP_METHODS + tuple(PRESETS)
+# whole-model rule methods that are not a composite: one method for every equation
+WHOLE_METHODS = (ATTNLRP,)
+RULE_METHODS = LRP_METHODS + tuple(PRESETS) + WHOLE_METHODS
 METHODS = (DLB,) + RULE_METHODS + GRADIENT_METHODS
 # the options each method takes (None in a Config: not given, the default below applies)
 METHOD_OPTIONS = {
@@ -47,6 +49,7 @@ METHOD_OPTIONS = {
     "flat": ("stabilizer", "canonize"),
     "w-square": ("stabilizer", "canonize"),
     "zb": ("low", "high", "epsilon", "stabilizer", "canonize"),
+    ATTNLRP: ("epsilon", "stabilizer"),
     "composite": (),  # a Composite object carries its own rules, parameters and canonize flag
     **{name: opts + ("canonize",) for name, (_, opts) in PRESETS.items()},
 }
@@ -286,7 +289,7 @@ class Config:
         """The rules of an LRP-family method as a Composite (None for other methods)."""
         if isinstance(self.method, Composite):
             return self.method
-        if self.method not in RULE_METHODS:
+        if self.method not in RULE_METHODS or self.method in WHOLE_METHODS:
             return None
         v = {k: (getattr(self, k) if getattr(self, k) is not None else d)
              for k, d in METHOD_DEFAULTS.items()}
@@ -300,6 +303,15 @@ class Config:
                              canonize=canon, name="zb")
         params = {k: v[k] for k in METHOD_OPTIONS[name] if k not in ("canonize", "stabilizer")}
         return Composite((), default=(name, params), stabilizer=stab, canonize=canon, name=name)
+
+    @property
+    def whole_method(self) -> Optional[tuple]:
+        """(name, params) of a whole-model rule method (``attnlrp``), else None."""
+        if self.method not in WHOLE_METHODS:
+            return None
+        params = {k: (getattr(self, k) if getattr(self, k) is not None else METHOD_DEFAULTS[k])
+                  for k in METHOD_OPTIONS[self.method]}
+        return self.method, tuple(sorted(params.items()))
 
     @property
     def method_name(self) -> str:
@@ -320,6 +332,8 @@ class Config:
         composite = self.composite
         if composite is not None:
             return {"method": self.method_name, "rules": composite.describe()}
+        if self.whole_method is not None:
+            return {"method": self.method, **dict(self.whole_method[1])}
         params = self.gradient_params
         if params is None:
             return {"method": DLB}
@@ -332,9 +346,11 @@ class Config:
     @property
     def options(self) -> Options:
         """The static rule options of the relevance pass."""
+        whole = self.whole_method
         return Options(mode=self.mode, experimental_gating=self.experimental_gating,
                        product_rule=self.product_rule, phi=self.attention_value_fraction,
-                       router_relevance=self.router_relevance, method=DLB)
+                       router_relevance=self.router_relevance,
+                       method=whole[0] if whole else DLB, params=whole[1] if whole else ())
 
     def replace(self, **changes) -> "Config":
         """A validated copy with ``changes``; an unknown option name raises TypeError."""

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 
 from ._registry import DLB, declare_method
 
-__all__ = ["LRP", "LRP_METHODS", "FIRST_LAYER_METHODS", "UNITS", "stabilize", "lrp_divide",
+__all__ = ["LRP", "ATTNLRP", "LRP_METHODS", "FIRST_LAYER_METHODS", "UNITS", "stabilize", "lrp_divide",
            "z_rule"]
 
 LRP = "lrp"  # the family's base: z-rule sums and pools, method-independent DLB rules
@@ -52,6 +52,11 @@ LRP_METHODS = ("lrp-0", "lrp-epsilon", "lrp-gamma", "lrp-alpha-beta", "flat", "w
 FIRST_LAYER_METHODS = ("flat", "w-square", "zb")
 for _name in LRP_METHODS:
     declare_method(_name, parent=LRP, dlb="shared", doc=f"LRP rule {_name} on every affine op")
+# AttnLRP (Achtibat et al., ICML 2024): LRP-epsilon for affine layers plus its own rules for
+# softmax, attention's products, layer/RMS norm (registered beside those ops)
+ATTNLRP = "attnlrp"
+declare_method(ATTNLRP, parent="lrp-epsilon", dlb="shared",
+               doc="AttnLRP: epsilon for affine ops, softmax/attention/norm rules for transformers")
 
 
 def stabilize(z, s):
