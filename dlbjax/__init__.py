@@ -24,10 +24,11 @@ from ._generate import Generation, Generator, generate
 from ._version import __version__
 # function forms of Explanation's methods (e.plot(), e.plot_graph(), e.plot_experts(),
 # e.to_html(), Explanation.load): kept importable, not part of __all__
-from ._views import plot, plot_experts, plot_graph, to_html
+from ._views import plot, plot_experts, plot_graph, plot_methods, to_html
+from .composites import Composite
 
 __all__ = [
-    "explain", "Explainer", "Explanation", "Conservation", "Streams",
+    "explain", "Explainer", "Explanation", "Conservation", "Streams", "Composite", "plot_methods",
     "generate", "Generator", "Generation", "load_results", "enable_compilation_cache",
     "DLBJaxError", "UnsupportedOperationError", "UnsupportedOp", "InputMismatchError",
     "ExportError", "InvalidProgramError", "TargetError", "NonFiniteError", "DtypeError",

@@ -104,6 +104,18 @@ class Config:
       ``"riemann_middle"``, ``"gausslegendre"``); SmoothGrad ``samples`` (25), ``noise`` (0.15:
       the noise std as a fraction of max - min of each input row), ``seed`` (0),
       ``multiply_by_inputs`` (False: mean gradient; True: mean of gradient x noisy input).
+    - the LRP family (rules on the same registry, ``rules/_lrp.py``; relevance seeded with
+      ``multiplier`` like DLB, default mode only, ``layers`` allowed): ``"lrp-0"``,
+      ``"lrp-epsilon"`` (``epsilon``, 1e-6), ``"lrp-gamma"`` (``gamma``, 0.25),
+      ``"lrp-alpha-beta"`` (``alpha`` 2, ``beta`` 1, alpha - beta = 1; one given fixes the
+      other; alpha=1 is z-plus), ``"flat"``, ``"w-square"``, ``"zb"`` (``low``, ``high``: the
+      input's bounds, required; the first layer z^B, LRP-epsilon above), Zennit's composites
+      ``"epsilon-plus"``, ``"epsilon-plus-flat"``, ``"epsilon-gamma-box"`` (``low``, ``high``,
+      ``gamma``), ``"epsilon-alpha2-beta1"``, ``"epsilon-alpha2-beta1-flat"`` (CamelCase names
+      accepted), a :class:`dlbjax.composites.Composite` (or a dict selector -> rule), and
+      ``"attnlrp"`` (``epsilon``) for transformers. ``stabilizer`` (1e-6) is the denominator
+      shift of every rule but epsilon's; ``canonize`` (True) folds batch norm into the layer
+      before it (``dlbjax/passes/canonize.py``).
     """
 
     mode: Mode = "default"

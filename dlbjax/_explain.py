@@ -65,6 +65,12 @@ class Explainer:
       (``samples=25``, ``noise=0.15``, ``seed=0``, ``multiply_by_inputs=False``). Gradient
       methods explain the task's score at multiplier 1 (raw values, comparable with torch
       autograd and Captum); an option of another method raises :class:`dlbjax.MethodError`.
+      The LRP family on the same rule registry: ``"lrp-0"``, ``"lrp-epsilon"`` (``epsilon``),
+      ``"lrp-gamma"`` (``gamma``), ``"lrp-alpha-beta"`` (``alpha``, ``beta``), ``"flat"``,
+      ``"w-square"``, ``"zb"`` (``low``, ``high``), Zennit's composites
+      (``"epsilon-plus-flat"``, ``"epsilon-gamma-box"``, ``"epsilon-alpha2-beta1"``, ...), a
+      :class:`dlbjax.composites.Composite` and ``"attnlrp"``; ``stabilizer``, ``canonize``
+      (fold batch norm, default True). See :class:`dlbjax._config.Config`.
 
     Each option is documented and validated in :class:`dlbjax._config.Config`. Attributes:
     ``config``, ``plan`` (the imported program, analysis, constants: ``dlbjax._plan.Plan``) and

@@ -20,14 +20,15 @@ import html
 import importlib.util
 import shutil
 import warnings
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
 from ._errors import NoExpertsError, NoLayersError
 from ._types import Streams
 
-__all__ = ["plot", "plot_experts", "plot_graph", "to_html", "relevance_graph", "layer_flow"]
+__all__ = ["plot", "plot_methods", "plot_experts", "plot_graph", "to_html", "relevance_graph",
+           "layer_flow"]
 
 _KINDS = ("image", "tokens", "tabular")
 _CONTRASTIVE = ("difference", "both", "positive", "negative")
@@ -265,6 +266,67 @@ def plot(explanation, ax=None, *, input: Optional[str] = None, row: Optional[int
         labels = _token_labels(e, name, row, panels[0][1].size, tokens, tokenizer)
         return _plot_tokens(e, name, row, panels, labels, ax, path, plt)
     return _plot_bars(e, name, row, panels, feature_names, max_features, ax, path, plt)
+
+
+def plot_methods(explanations, *, input: Optional[str] = None, row: Optional[int] = 0,
+                 image: Any = None, tokens: Any = None, tokenizer: Any = None,
+                 feature_names: Any = None, path: Any = None, kind: Optional[str] = None,
+                 normalize: bool = True):
+    """Draw one row explained by several methods side by side; return the matplotlib Figure.
+
+    ``explanations``: a mapping label -> Explanation (``{"DLB": e1, "LRP-eps": e2}``) or a
+    sequence of Explanations (labelled by their ``method``). One panel per method, drawn as
+    :func:`plot` draws one explanation (heatmap, tokens or bars), titled with the label and the
+    panel's share of positive relevance; with ``image=`` (or the explanations' inputs) the input
+    is drawn first. ``normalize``: each panel on its own colour scale (methods differ in scale:
+    DLB/LRP sum to the seed, gradients do not), so the picture compares *where*, not *how much*.
+    Contrastive explanations are drawn as positive minus negative.
+    """
+    import matplotlib.pyplot as plt
+
+    if isinstance(explanations, Mapping):
+        items = list(explanations.items())
+    else:
+        items = [(getattr(e, "method", None) or f"method {i}", e) for i, e in enumerate(explanations)]
+    if not items:
+        raise ValueError("plot_methods needs at least one explanation")
+    first = items[0][1]
+    name = _pick_input(first, input)
+    probe = _streams(first.relevance[name], first, row, "difference")[0][1]
+    k = _kind(first, name, probe, tokens, tokenizer, kind)
+    img = image if image is not None else (_input_row(first, name, row) if k == "image" else None)
+    n = len(items) + (img is not None)
+    if k == "tokens":
+        fig, axes = plt.subplots(len(items), 1, figsize=(10, 1.1 * len(items) + 0.4), squeeze=False)
+        axes = axes[:, 0]
+    else:
+        fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.2), squeeze=False)
+        axes = axes[0]
+        if img is not None:
+            shown, cmap = _display_image(img)
+            axes[0].imshow(shown, cmap=cmap)
+            axes[0].set_title("input")
+            axes[0].axis("off")
+            axes = axes[1:]
+    scale = None
+    if not normalize:
+        scale = max(float(np.max(np.abs(_streams(e.relevance[name], e, row, "difference")[0][1])))
+                    for _, e in items) or 1.0
+    for ax, (label, e) in zip(axes, items):
+        r = _streams(e.relevance[name], e, row, "difference")[0][1]
+        pos = float(np.sum(np.maximum(r, 0)))
+        tot = float(np.sum(np.abs(r))) or 1.0
+        if k == "image":
+            m2 = _image_2d(r)
+            m = scale or float(np.max(np.abs(m2))) or 1.0
+            ax.imshow(m2, cmap="bwr", vmin=-m, vmax=m)
+            ax.axis("off")
+        else:
+            plot(e, ax=ax, input=name, row=row, tokens=tokens, tokenizer=tokenizer,
+                 feature_names=feature_names, kind=k)
+        ax.set_title(f"{label}  ({100 * pos / tot:.0f}% positive)", fontsize=9)
+    fig.tight_layout()
+    return _finish(fig, path)
 
 
 def _plot_image(e, name, row, panels, image, ax, path, plt):

@@ -439,3 +439,26 @@ def test_alpha_alone_fixes_beta(mlp, x_mlp, mlp_explainer):
 def test_layers_keep_relevance_at_every_layer(mlp, x_mlp, mlp_explainer):
     e = mlp_explainer.replace(method="lrp-alpha-beta", alpha=1.0, layers=True)(x_mlp)
     assert e.layers  # per-layer relevance is defined for the LRP family
+
+
+def test_batch_and_dataset_run_the_same_rules(mlp, x_mlp, mlp_explainer, tmp_path):
+    ex = mlp_explainer.replace(method="epsilon-plus-flat")
+    full = R(ex(x_mlp))
+    np.testing.assert_allclose(R(ex.batch(x_mlp, batch_size=3)), full, rtol=1e-6, atol=1e-7)
+    manifest = ex.explain_dataset(x_mlp.numpy(), batch_size=3, out=tmp_path / "run")
+    assert manifest["config"]["method"]["method"] == "epsilon-plus-flat"
+    loaded = dlbjax.load_results(tmp_path / "run")
+    np.testing.assert_allclose(R(loaded), full, rtol=1e-6, atol=1e-7)
+
+
+def test_plot_methods_draws_one_panel_per_method(cnn, x_cnn, cnn_explainer):
+    import matplotlib
+    matplotlib.use("Agg")
+    es = {m: cnn_explainer.replace(method=m)(x_cnn[:1]) for m in ("lrp-epsilon", "epsilon-plus")}
+    es["DLB"] = cnn_explainer.replace(method="dlb")(x_cnn[:1])
+    fig = dlbjax.plot_methods(es, image=x_cnn[0])
+    titles = [a.get_title() for a in fig.axes]
+    assert titles[0] == "input" and [t.split()[0] for t in titles[1:]] == list(es)
+    fig2 = dlbjax.plot_methods(list(es.values()))
+    assert [a.get_title().split()[0] for a in fig2.axes[1:]] == ["lrp-epsilon", "epsilon-plus",
+                                                                  "dlb"]
