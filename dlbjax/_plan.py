@@ -29,7 +29,7 @@ from ._tasks import Task, resolve_task
 from .engine.analysis import Analysis, analyze
 from .engine.gradient import check_gradient_method, gradient_row
 from .engine.origins import constant_slots
-from .engine.interpret import constants_to_jax
+from .engine.interpret import constants_to_jax, missing_lowerings
 from .engine.relevance import relevance_row
 from .importers import BoundInputs, bind_inputs, import_bound, static_experts_copy, tensor_to_numpy
 from .ir import Program
@@ -228,6 +228,10 @@ def _derive(config: Config, program: Program, input_names: tuple, row_specs: tup
                                       choices=resolve(composite, program))
     explained = _output_index(program, config.output)
     analysis = analyze(program, options, explained)
+    if config.gradient_params is not None:
+        # the gradient family differentiates the forward: an op needs a lowering, not a rule
+        lowering = set(missing_lowerings(program))
+        analysis.problems = [p for p in analysis.problems if p in lowering]
     analysis.raise_if_unsupported()
     if consts is None:
         _check_constants(program)

@@ -312,3 +312,28 @@ def test_gradient_method_with_length_buckets(bert):
     bucketed = dlbjax.Explainer(model, inputs, method="gradient-x-input", buckets=[16])(inputs)
     assert bucketed.relevance["input_ids"].shape == (2, 10)
     assert rel_err(bucketed.relevance["input_ids"], plain.relevance["input_ids"]) < 1e-5
+
+
+def test_gradient_methods_need_lowerings_not_relevance_rules():
+    """x ** 2 has a forward lowering but no relevance rule: DLB and LRP refuse the model, the
+    gradient family explains it (it differentiates the forward) and equals torch autograd."""
+    torch.manual_seed(0)
+
+    class Square(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.b(self.a(x) ** 2)
+
+    model = Square().eval()
+    x = torch.randn(3, 4)
+    with pytest.raises(dlbjax.UnsupportedOperationError, match="pow"):
+        dlbjax.Explainer(model, x)
+    with pytest.raises(dlbjax.UnsupportedOperationError, match="pow"):
+        dlbjax.Explainer(model, x, method="lrp-epsilon")
+    e = dlbjax.explain(model, x, method="gradient")
+    g, t = torch_grad(model, x)
+    assert np.array_equal(e.target, t)
+    assert rel_err(e.relevance["x"], g) < RTOL
