@@ -10,7 +10,8 @@ Columns: ``ops``; ``family`` (``dlbjax/lowerings/<family>.py`` and ``rules/<fami
 (``affine`` for Linear/Conv units gated by their activation, ``route`` for exact index maps,
 ``activation`` for ops that supply a gate to their producer, ``other`` for the rest);
 ``contrastive`` (``own rule`` where the rule has a dedicated contrastive function, ``per stream``
-where the default rule is applied to each stream). ``tests/test_readme.py`` fails when README.md
+where the default rule is applied to each stream); ``LRP family`` and ``AttnLRP`` (the rule
+``lrp-epsilon`` / ``attnlrp`` runs for the op: its own, DLB's shared one, or none). ``tests/test_readme.py`` fails when README.md
 differs from this output.
 """
 
@@ -55,14 +56,36 @@ def ops_table() -> str:
             index[key] = len(groups)
             groups.append((rule, []))
         groups[index[key]][1].append(op)
-    lines = ["| ops | family | spec section | kind | contrastive |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = ["| ops | family | spec section | kind | contrastive | LRP family | AttnLRP |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for rule, ops in groups:
         names = ", ".join(f"`{op}`" for op in ops)
         section = (rule.section or "-").replace("|", "\\|")
         lines.append(f"| {names} | {rule.family} | {section} | {_kind(rule)} | "
-                     f"{_contrastive(rule)} |")
+                     f"{_contrastive(rule)} | {_method(ops, 'lrp-epsilon')} | "
+                     f"{_method(ops, 'attnlrp')} |")
     return "\n".join(lines)
+
+
+def _method(ops, method: str) -> str:
+    """How a method treats these ops: its own rule (its section), DLB's shared rule, or none."""
+    from dlbjax.rules import DLB, get_rule
+    from dlbjax.rules._lrp import LRP_METHODS
+
+    seen = []
+    for op in ops:
+        rule = get_rule(op, method)
+        if rule is None:
+            text = "no rule"
+        elif rule.method == DLB:
+            text = "DLB's (shared)"
+        elif rule.method in LRP_METHODS:
+            text = "own, one per LRP rule"
+        else:
+            text = (rule.section or rule.method).replace("|", "\\|")
+        if text not in seen:
+            seen.append(text)
+    return " / ".join(seen)
 
 
 def readme_table(text: str) -> str:
