@@ -462,3 +462,23 @@ def test_plot_methods_draws_one_panel_per_method(cnn, x_cnn, cnn_explainer):
     fig2 = dlbjax.plot_methods(list(es.values()))
     assert [a.get_title().split()[0] for a in fig2.axes[1:]] == ["lrp-epsilon", "epsilon-plus",
                                                                   "dlb"]
+
+
+def test_dense_layers_with_batch_norm1d_fold_as_zennit_merges_them():
+    model = nn.Sequential(nn.Linear(8, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Linear(12, 10),
+                          nn.BatchNorm1d(10), nn.ReLU(), nn.Linear(10, 3))
+    model = seeded(model, 11)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm1d):
+            m.eps = 0.0
+    model = randomize_bn(model, 12).eval()
+    with torch.no_grad():  # some negative scales: folding flips those units' weight signs
+        model[1].weight[::3] *= -1
+        model[4].weight[1::2] *= -1
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(13))
+    t = targets(model, x)
+    ex = dlbjax.Explainer(model, x, method="lrp-alpha-beta", alpha=1.0)
+    assert not any("batch_norm" in q.op for q in ex.plan.program.eqns)
+    ours = R(ex(x, target=t))
+    ref = zennit_relevance(model, x, single(zr.ZPlus(), [SequentialMergeBatchNorm()]), t)
+    assert rel_err(ours, ref) < RTOL
