@@ -2,10 +2,10 @@
 
 Every metric that perturbs inputs runs the imported forward (``plan.program`` evaluated with
 ``plan.consts``, :func:`dlbjax.engine.interpret.evaluate`) once, jit-compiled and vmapped over a
-fixed-size block of evaluations (``batch_size``, default 1024): all rows x all perturbation steps
-(or random subsets) go through that one compiled function, in chunks; the last chunk is padded,
-so a metric compiles once per (Explainer, perturbed input, score, chunk size) and never
-per step. Metrics that re-explain (max-sensitivity, randomisation) call the Explainer's own
+fixed-size block of evaluations (``batch_size``, default 1024; fewer work pads to the next power
+of two): all rows x all perturbation steps (or random subsets) go through that one compiled
+function, in chunks; the last chunk is padded, so a metric compiles once per (Explainer, perturbed
+input, score, chunk size) and never per step. Metrics that re-explain (max-sensitivity, randomisation) call the Explainer's own
 compiled pass (``Explainer.batch`` / the Runner's jitted function with other constants).
 
 Common arguments:
@@ -292,7 +292,9 @@ def _run_masks(explainer, prep: _Prepared, base: np.ndarray, targets: np.ndarray
     plan = explainer.plan
     fn = _scores_fn(plan, prep.feats, score)
     total = len(rows)
-    size = int(min(batch_size, total))
+    # chunks of min(batch_size, the next power of two >= total) evaluations: a handful of
+    # compilations serve every row count and step count
+    size = int(min(batch_size, 1 << max(0, int(total - 1).bit_length())))
     out = np.empty(total, np.float64)
     consts = plan.consts
     for s in range(0, total, size):
