@@ -1,12 +1,13 @@
 """Faithfulness metrics of explanations, computed on the Explainer's imported JAX forward.
 
 Every metric that perturbs inputs runs the imported forward (``plan.program`` evaluated with
-``plan.consts``, :func:`dlbjax.engine.interpret.evaluate`) once, jit-compiled and vmapped over a
-fixed-size block of evaluations (``batch_size``, default 1024; fewer work pads to the next power
+``plan.consts``, :func:`dlbjax.engine.interpret.evaluate`) jit-compiled and vmapped over a
+fixed-size block of evaluations (``batch_size``, default 1024; less work pads to the next power
 of two): all rows x all perturbation steps (or random subsets) go through that one compiled
-function, in chunks; the last chunk is padded, so a metric compiles once per (Explainer, perturbed
-input, score, chunk size) and never per step. Metrics that re-explain (max-sensitivity, randomisation) call the Explainer's own
-compiled pass (``Explainer.batch`` / the Runner's jitted function with other constants).
+function in chunks, the last chunk padded, so a metric compiles once per (Explainer, perturbed
+input, score, chunk size) and never per step. Metrics that re-explain (max-sensitivity,
+randomisation) call the Explainer's own compiled pass (``Explainer.batch``, or the Runner's
+jitted function with other constants).
 
 Common arguments:
 
@@ -60,8 +61,8 @@ from .engine.interpret import evaluate
 from .passes.magnitudes import precompute_magnitudes
 
 __all__ = ["flipping_curve", "region_perturbation", "aopc", "abpc", "faithfulness_correlation",
-           "random_subsets", "max_sensitivity", "randomisation", "randomization", "parameter_layers",
-           "sparseness", "complexity", "similarity"]
+           "random_subsets", "max_sensitivity", "randomisation", "randomization",
+           "parameter_layers", "sparseness", "complexity", "similarity"]
 
 SCORES = ("logit", "probability")
 ORDERS = ("morf", "lerf")
@@ -224,8 +225,8 @@ def _baseline(prep: _Prepared, baseline, blur_sigma: float) -> np.ndarray:
                 raise ValueError("baseline 'blur' needs an image input (rows [C, H, W])")
             if not blur_sigma > 0:
                 raise ValueError(f"blur_sigma must be positive, got {blur_sigma!r}")
-            return scipy.ndimage.gaussian_filter(x.astype(np.float64),
-                                                 sigma=(0, 0, blur_sigma, blur_sigma)).astype(x.dtype)
+            sigma = (0, 0, blur_sigma, blur_sigma)
+            return scipy.ndimage.gaussian_filter(x.astype(np.float64), sigma).astype(x.dtype)
         raise ValueError(f"unknown baseline {baseline!r}: use 'zero', 'mean', 'blur', a number or "
                          "an array")
     if isinstance(baseline, (int, float, np.integer, np.floating)) and \
@@ -520,9 +521,8 @@ def faithfulness_correlation(explainer, inputs, relevance, *, subset_size: int =
 
     def mask_of(js):
         m = np.zeros((len(js), F), bool)
-        for i, j in enumerate(js):
-            if which[j]:
-                m[i, subsets[rows[j], which[j] - 1]] = True
+        hit = np.nonzero(which[js])[0]
+        m[hit[:, None], subsets[rows[js][hit], which[js][hit] - 1]] = True
         return m & prep.valid[rows[js]]
 
     s = _run_masks(explainer, prep, base, targets, rows, mask_of, score,

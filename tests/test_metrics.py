@@ -166,7 +166,8 @@ def patch_relevance(rel, p):
 def torch_gxi(model, x, targets):
     x = x.clone().requires_grad_(True)
     out = model(x)
-    g, = torch.autograd.grad(out[torch.arange(len(x)), torch.as_tensor(targets)].sum(), x)
+    t = torch.as_tensor(np.asarray(targets).copy())
+    g, = torch.autograd.grad(out[torch.arange(len(x)), t].sum(), x)
     return (g * x).detach().numpy()
 
 
@@ -276,7 +277,8 @@ def test_aopc_abpc_hand_made_curves():
     lerf = np.array([[1.0, 1.0, 0.9, 0.8], [2.0, 2.0, 2.0, 1.0]])
     np.testing.assert_allclose(M.aopc(morf), [(0 + 0.5 + 0.75 + 1.0) / 4, (0 + 0 + 1 + 2) / 4])
     np.testing.assert_allclose(M.aopc(lerf), [(0 + 0 + 0.1 + 0.2) / 4, 1 / 4])
-    np.testing.assert_allclose(M.abpc(morf, lerf), [(0 + 0.5 + 0.65 + 0.8) / 4, (0 + 0 + 1 + 1) / 4])
+    np.testing.assert_allclose(M.abpc(morf, lerf),
+                               [(0 + 0.5 + 0.65 + 0.8) / 4, (0 + 0 + 1 + 1) / 4])
     np.testing.assert_allclose(M.abpc(morf, lerf), M.aopc(morf) - M.aopc(lerf))
     np.testing.assert_allclose(M.aopc(morf[0]), M.aopc(morf)[:1])
     with pytest.raises(ValueError, match="differ in shape"):
@@ -604,3 +606,42 @@ def test_errors(mlp, text, rgb):
         M.max_sensitivity(tex, inputs)
     with pytest.raises(ValueError, match="subset_size must be an int in 1..3"):
         M.faithfulness_correlation(tex, inputs, te, subset_size=4, baseline=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# contrastive relevance, a tiny BERT
+# ------------------------------------------------------------------------------------------------
+def test_contrastive_streams_use_positive_minus_negative(mlp):
+    model, x, ex, _ = mlp
+    dlb = dlbjax.Explainer(model, x, mode="contrastive")
+    ec = dlb(x)
+    net = ec.relevance["x"].positive - ec.relevance["x"].negative
+    a = M.flipping_curve(dlb, x, ec, steps=4, baseline="zero")
+    b = M.flipping_curve(dlb, x, {"x": net}, target=ec.target, steps=4, baseline="zero")
+    np.testing.assert_array_equal(a, b)
+    close(M.sparseness(ec), M.sparseness(net), 1e-6)
+
+
+def test_bert_token_flipping_with_mask_token():
+    """A tiny random BERT: flipping tokens to [MASK] (id 4 here) in relevance order equals a
+    loop of the Hugging Face model; padded positions stay [PAD] (id 0)."""
+    hf_zoo = pytest.importorskip("hf_zoo")
+    model = hf_zoo.tiny("bert").eval()
+    g = torch.Generator().manual_seed(9)
+    ids = torch.randint(5, 128, (2, 6), generator=g)
+    mask = torch.ones_like(ids)
+    ids[1, 4:], mask[1, 4:] = 0, 0
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    ex = dlbjax.Explainer(model, inputs, method="gradient-x-input")
+    e = ex(inputs)
+    curve = M.flipping_curve(ex, inputs, e, baseline=4, steps=6)
+
+    class Logits(nn.Module):
+        def forward(self, input_ids, attention_mask):
+            return model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    ref = ref_flipping(Logits(), ids.numpy(), feature_relevance(e.relevance["input_ids"],
+                                                                 "element"),
+                       e.target, "morf", 6, np.full_like(ids.numpy(), 4),
+                       valid=mask.numpy() != 0, extra={"attention_mask": mask})
+    close(curve, ref, 1e-4)
