@@ -309,8 +309,7 @@ def _run_masks(explainer, prep: _Prepared, base: np.ndarray, targets: np.ndarray
     return out
 
 
-def _targets(explainer, prep: _Prepared, relevance, target, score: str,
-             batch_size: int) -> np.ndarray:
+def _targets(explainer, prep: _Prepared, relevance, target) -> np.ndarray:
     plan = explainer.plan
     out_var = plan.program.outputs[plan.explained]
     size = int(np.prod(out_var.shape[1:] if out_var.shape[:1] == (1,) else out_var.shape))
@@ -401,7 +400,7 @@ def flipping_curve(explainer, inputs, relevance, *, order: str = "morf",
     if rel.shape[0] != prep.n:
         raise InputMismatchError(f"relevance has {rel.shape[0]} rows, the inputs {prep.n}")
     base = _baseline(prep, baseline, blur_sigma)
-    targets = _targets(explainer, prep, relevance, target, score, batch_size)
+    targets = _targets(explainer, prep, relevance, target)
     ranks = _ranks(rel, prep.valid, order)
     counts, steps = _counts(prep.valid, steps)
     rows = np.repeat(np.arange(prep.n), steps + 1)
@@ -514,7 +513,7 @@ def faithfulness_correlation(explainer, inputs, relevance, *, subset_size: int =
                              f"{subsets.dtype}")
     samples = subsets.shape[1]
     base = _baseline(prep, baseline, blur_sigma)
-    targets = _targets(explainer, prep, relevance, target, score, batch_size)
+    targets = _targets(explainer, prep, relevance, target)
     # evaluation (r, 0) is the unperturbed row, (r, 1 + s) the row with subset s replaced
     rows = np.repeat(np.arange(prep.n), samples + 1)
     which = np.tile(np.arange(samples + 1), prep.n)
@@ -668,9 +667,9 @@ def _similarity(a, b, kind: str = "spearman") -> np.ndarray:
         out = []
         for x, y in zip(maps_a, maps_b):
             rng_ = max(x.max(), y.max()) - min(x.min(), y.min())
+            win = min(7, *x.shape)  # skimage's default 7, or the largest odd side that fits
             out.append(structural_similarity(x, y, data_range=rng_ or 1.0,
-                                             win_size=min(7, *x.shape) // 2 * 2 + 1
-                                             if min(x.shape) < 7 else 7))
+                                             win_size=win if win % 2 else win - 1))
         return np.asarray(out)
     a, b = a.reshape(n, -1), b.reshape(n, -1)
     if kind == "spearman":
@@ -762,6 +761,10 @@ def _rows(relevance, input: Optional[str], mask) -> tuple[np.ndarray, np.ndarray
                                          "which with input=")
             input = floats[0]
         r = _relevance(rel, input)
+        kept = relevance.inputs if isinstance(relevance, Explanation) else None
+        if mask is None and kept and "attention_mask" in kept and input != "attention_mask" \
+                and np.size(kept["attention_mask"]) == np.size(r):
+            mask = kept["attention_mask"]  # token relevance: the padded tokens do not count
     else:
         r = _relevance(relevance, "")
     r = np.abs(np.asarray(r, np.float64)).reshape(np.shape(r)[0], -1)
@@ -773,7 +776,8 @@ def sparseness(relevance, *, input: Optional[str] = None, mask=None) -> np.ndarr
     """Sparseness (Chalasani et al. 2020, "Concise explanations of neural networks using
     adversarial training"): the Gini index of |R| per row, ``sum_k (2k - n - 1) a_(k) / (n *
     sum_k a_(k))`` with a_(1) <= ... <= a_(n) the sorted |R| + 1e-7 (Quantus' form). In [0, 1);
-    higher is sparser (better). ``mask`` (e.g. an attention mask): only entries != 0 count."""
+    higher is sparser (better). ``mask`` (e.g. an attention mask): only entries != 0 count;
+    default: an Explanation's own ``attention_mask`` input for token relevance."""
     r, m = _rows(relevance, input, mask)
     out = np.empty(len(r))
     for i in range(len(r)):
@@ -787,7 +791,8 @@ def sparseness(relevance, *, input: Optional[str] = None, mask=None) -> np.ndarr
 def complexity(relevance, *, input: Optional[str] = None, mask=None) -> np.ndarray:
     """Complexity (Bhatt et al. 2020, "Evaluating and aggregating feature-based model
     explanations"): the entropy ``-sum_i p_i log p_i`` (natural log) of ``p = |R| / sum |R|`` per
-    row. Lower is simpler (better); NaN for an all-zero map. ``mask``: only entries != 0 count."""
+    row. Lower is simpler (better); NaN for an all-zero map. ``mask``: only entries != 0 count
+    (default as in :func:`sparseness`)."""
     r, m = _rows(relevance, input, mask)
     r = np.where(m, r, 0.0)
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -514,6 +514,12 @@ def test_similarity_measures():
                                [scipy.stats.spearmanr(x.ravel(), y.ravel()).statistic
                                 for x, y in zip(a, b)])
     np.testing.assert_allclose(M.similarity(a, 2 * a, "cosine"), 1.0)
+    # ssim: Quantus' definition (skimage, data range of the pair) on 8 x 8 maps
+    a, b = rng.normal(size=(3, 8, 8)), rng.normal(size=(3, 8, 8))
+    np.testing.assert_allclose(M.similarity(a, b, "ssim"),
+                               quantus.similarity_func.ssim(a, b, batched=True), rtol=1e-10)
+    np.testing.assert_allclose(M.similarity(a[:, None], b[:, None], "ssim"),
+                               M.similarity(a, b, "ssim"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -547,6 +553,12 @@ def test_sparseness_and_complexity_equal_loops(cnn, text):
     c = M.complexity(et, input="input_ids", mask=mask)
     real = np.abs(rt[2, :3]) / np.abs(rt[2, :3]).sum()
     np.testing.assert_allclose(c[2], -(real * np.log(real)).sum())
+    # an Explanation's own attention mask is the default; a plain array has none
+    np.testing.assert_array_equal(M.complexity(et), c)
+    a = np.sort(np.abs(rt[1, :5]) + 1e-7)
+    k = np.arange(1, 6)
+    np.testing.assert_allclose(M.sparseness(et)[1], ((2 * k - 6) * a).sum() / (5 * a.sum()))
+    assert M.sparseness(rt)[1] != M.sparseness(et)[1]
 
 
 def test_sparseness_and_complexity_equal_quantus(cnn):
