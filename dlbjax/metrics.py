@@ -553,17 +553,21 @@ def _norm(x: np.ndarray, norm: str) -> np.ndarray:
 
 def max_sensitivity(explainer, inputs, *, radius: float = 0.2, samples: int = 10, seed: int = 0,
                     norm: str = "fro", input: Optional[str] = None, target: Any = None,
+                    perturbations: Optional[np.ndarray] = None,
                     batch_size: int = 256) -> np.ndarray:
     """Max-sensitivity (Yeh et al. 2019, "On the (in)fidelity and sensitivity of explanations",
     SENS_MAX), per row: ``max_j ||R(x + d_j) - R(x)|| / ||R(x)||`` over ``samples`` perturbations
     d_j drawn uniformly from [-radius, radius] per element (``default_rng(seed)``), R the
     Explainer's relevance (any method) of the perturbed input at the original target.
     ``norm``: ``"fro"``/``"l2"`` (of the flattened map), ``"l1"`` or ``"linf"``. Lower is better.
+    ``perturbations``: the d_j given explicitly, [rows, samples, *row shape] (then ``radius``,
+    ``samples`` and ``seed`` are not used).
 
     The explanations of x and of all rows x samples perturbed inputs are two calls of the
     Explainer (``Explainer.batch`` in chunks of ``batch_size`` rows, one compilation). The same
-    definition as Quantus ``MaxSensitivity`` with ``norm_numerator = norm_denominator =
-    fro_norm`` and uniform noise of ``lower_bound = radius``. Float inputs only.
+    number as Quantus ``MaxSensitivity`` (0.6.0) with its defaults (uniform noise of
+    ``lower_bound = radius``, Frobenius norms, ``normalise=False``,
+    ``return_nan_when_prediction_changes=False``) on the same noise. Float inputs only.
     """
     _check_choice("norm", norm, ("fro", "l2", "l1", "linf"))
     if not (isinstance(radius, (int, float, np.floating)) and radius >= 0):
@@ -582,8 +586,15 @@ def max_sensitivity(explainer, inputs, *, radius: float = 0.2, samples: int = 10
     e0 = explainer(data, target=target)
     r0 = _relevance(e0, prep.name).astype(np.float64)
     x = data[prep.name]
-    rng = np.random.default_rng(seed)
-    noise = rng.uniform(-radius, radius, (prep.n, samples) + x.shape[1:])
+    if perturbations is None:
+        noise = np.random.default_rng(seed).uniform(-radius, radius,
+                                                    (prep.n, samples) + x.shape[1:])
+    else:
+        noise = np.asarray(perturbations, np.float64)
+        if noise.ndim != x.ndim + 1 or noise.shape[0] != prep.n or noise.shape[2:] != x.shape[1:]:
+            raise ValueError(f"perturbations must have shape [rows={prep.n}, samples, "
+                             f"*{x.shape[1:]}], got {noise.shape}")
+        samples = noise.shape[1]
     big = {nm: np.repeat(a, samples, axis=0) for nm, a in data.items()}
     big[prep.name] = (x[:, None].astype(np.float64) + noise).reshape(
         (prep.n * samples,) + x.shape[1:]).astype(x.dtype)

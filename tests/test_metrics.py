@@ -441,6 +441,37 @@ def test_max_sensitivity_equals_torch_loop(mlp, norm):
     np.testing.assert_allclose(M.max_sensitivity(ex, x, radius=0.0, samples=2), 0.0, atol=1e-6)
 
 
+def test_max_sensitivity_equals_quantus(mlp, monkeypatch):
+    """Quantus MaxSensitivity (uniform noise of lower_bound = radius, Frobenius norms, no
+    normalisation, NaN-on-changed-prediction off) with torch gradient x input as its explain_func;
+    its noise is recorded and given to dlbjax as ``perturbations``."""
+    model, x, ex, e = mlp
+    samples, radius = 4, 0.3
+    drawn = []
+    uniform = np.random.uniform
+
+    def recording(*args, **kwargs):
+        out = uniform(*args, **kwargs)
+        drawn.append(np.asarray(out))
+        return out
+
+    def explain(model, inputs, targets, **kw):
+        return torch_gxi(model, torch.as_tensor(np.asarray(inputs, np.float32)), targets)
+
+    monkeypatch.setattr(np.random, "uniform", recording)
+    np.random.seed(1)
+    metric = quantus.MaxSensitivity(nr_samples=samples, lower_bound=radius, normalise=False,
+                                    abs=False, return_aggregate=False, disable_warnings=True)
+    q = np.asarray(metric(model=model, x_batch=x.numpy(), y_batch=e.target,
+                          a_batch=np.asarray(e.relevance["x"]), explain_func=explain,
+                          device="cpu"), np.float64)
+    monkeypatch.undo()
+    assert len(drawn) == samples and drawn[0].shape == (5, 8)
+    noise = np.stack(drawn, 1)                                   # [rows, samples, 8]
+    ours = M.max_sensitivity(ex, x, perturbations=noise)
+    close(ours, q, 1e-4)
+
+
 # ------------------------------------------------------------------------------------------------
 # model-parameter randomisation
 # ------------------------------------------------------------------------------------------------
