@@ -18,8 +18,9 @@ Common arguments:
   the perturbed input's relevance (rows first). Contrastive Streams use positive - negative.
 - ``target``: the explained class per row (int or one int per row). None: the explanation's
   ``target`` when ``relevance`` is an Explanation, else the argmax of the unperturbed output.
-- ``score``: ``"logit"`` (default; the explained output at the target, flattened) or
-  ``"probability"`` (its softmax).
+- ``score``: ``"logit"`` (default; entry ``target`` of the flattened explained output) or
+  ``"probability"`` (of its softmax; the sigmoid of a single-logit output). Target -1 (what a
+  regression Explanation holds) scores the mean of the outputs.
 - ``input``: the name of the perturbed input. None: the only input; else ``input_ids`` when
   present; else the only float input.
 
@@ -273,8 +274,9 @@ def _scores_fn(plan, feats: _Features, score: str) -> Callable:
         out = evaluate(program, consts, inputs)[explained].reshape(-1)
         out = out.astype(jnp.float32) if out.dtype in (jnp.bfloat16, jnp.float16) else out
         if score == "probability":
-            out = jax.nn.softmax(out)
-        return out[target]
+            out = jax.nn.sigmoid(out) if out.shape[0] == 1 else jax.nn.softmax(out)
+        # target -1: the mean of the outputs (a regression explanation's score)
+        return jnp.where(target >= 0, out[jnp.maximum(target, 0)], out.mean())
 
     def block(consts, xs, base, targets, masks):
         return jax.vmap(one, in_axes=(None, 0, 0, 0, 0))(consts, xs, base, targets, masks)
@@ -327,8 +329,9 @@ def _targets(explainer, prep: _Prepared, relevance, target) -> np.ndarray:
     if t.shape != (prep.n,):
         raise TargetError(f"target must be an int or one int per row ({prep.n} rows), got shape "
                           f"{t.shape}")
-    if ((t < 0) | (t >= size)).any():
-        raise TargetError(f"target outside the explained output: valid indices are 0..{size - 1}")
+    if ((t < -1) | (t >= size)).any():
+        raise TargetError(f"target outside the explained output: valid indices are 0..{size - 1} "
+                          "(or -1, the mean of the outputs)")
     return t.astype(np.int32)
 
 

@@ -688,3 +688,30 @@ def test_bert_token_flipping_with_mask_token():
                        e.target, "morf", 6, np.full_like(ids.numpy(), 4),
                        valid=mask.numpy() != 0, extra={"attention_mask": mask})
     close(curve, ref, 1e-4)
+
+
+def test_binary_and_regression_scores():
+    """One logit: 'probability' is its sigmoid; a regression explanation (target -1) scores the
+    mean of the outputs."""
+    binary = seeded(MLP((6, 8, 1)), 10).eval()
+    x = torch.randn(3, 6, generator=torch.Generator().manual_seed(11))
+    ex = dlbjax.Explainer(binary, x, method="gradient-x-input", task="binary")
+    e = ex(x)
+    got = M.flipping_curve(ex, x, e, steps=3, baseline="zero", score="probability")
+    rel = feature_relevance(e.relevance["x"], "element")
+    sig = seeded(nn.Sequential(binary, nn.Sigmoid()), 0)
+    ref = ref_flipping(sig, x.numpy(), rel, [0] * 3, "morf", 3, np.zeros((3, 6), np.float32))
+    close(got, ref)
+    reg = seeded(MLP((6, 8, 2)), 12).eval()
+    exr = dlbjax.Explainer(reg, x, method="gradient-x-input", task="regression")
+    er = exr(x)
+    assert (er.target == -1).all()
+    got = M.flipping_curve(exr, x, er, steps=3, baseline="zero")
+
+    class Mean(nn.Module):
+        def forward(self, v):
+            return reg(v).mean(1, keepdim=True)
+
+    ref = ref_flipping(Mean(), x.numpy(), feature_relevance(er.relevance["x"], "element"),
+                       [0] * 3, "morf", 3, np.zeros((3, 6), np.float32))
+    close(got, ref)
