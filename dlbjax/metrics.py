@@ -545,6 +545,15 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 # max-sensitivity
 # ------------------------------------------------------------------------------------------------
+def _same_target(explainer, e0: Explanation, target, repeat: int = 1):
+    """The target that re-explains rows at ``e0``'s targets: its per-row classes repeated, or,
+    for a regression Explainer (whose target selects outputs for every row), ``target`` itself."""
+    task = explainer.plan.task
+    if task is not None and task.name == "regression":
+        return target
+    return np.repeat(np.asarray(e0.target), repeat)
+
+
 def _norm(x: np.ndarray, norm: str) -> np.ndarray:
     x = x.reshape(x.shape[0], -1)
     if norm in ("fro", "l2"):
@@ -602,7 +611,7 @@ def max_sensitivity(explainer, inputs, *, radius: float = 0.2, samples: int = 10
     big[prep.name] = (x[:, None].astype(np.float64) + noise).reshape(
         (prep.n * samples,) + x.shape[1:]).astype(x.dtype)
     total = prep.n * samples
-    e = explainer.batch(big, target=np.repeat(np.asarray(e0.target), samples),
+    e = explainer.batch(big, target=_same_target(explainer, e0, target, samples),
                         batch_size=min(batch_size, total))
     r = _relevance(e, prep.name).astype(np.float64).reshape((prep.n, samples) + r0.shape[1:])
     diff = _norm((r - r0[:, None]).reshape(total, -1), norm).reshape(prep.n, samples)
@@ -736,7 +745,7 @@ def randomisation(explainer, inputs, *, cascading: bool = True, similarity: str 
     draw = draw or _gaussian_draw
     rng = np.random.default_rng(seed)
     e0 = explainer(inputs, target=target)
-    targets = np.asarray(e0.target)
+    targets = _same_target(explainer, e0, target)
     r0 = _relevance(e0, prep.name).astype(np.float64)
     if absolute:
         r0 = np.abs(r0)

@@ -715,3 +715,7 @@ def test_binary_and_regression_scores():
     ref = ref_flipping(Mean(), x.numpy(), feature_relevance(er.relevance["x"], "element"),
                        [0] * 3, "morf", 3, np.zeros((3, 6), np.float32))
     close(got, ref)
+    # re-explaining metrics keep the regression target (a selection of outputs, not classes)
+    np.testing.assert_allclose(M.max_sensitivity(exr, x, radius=0.0, samples=2), 0.0, atol=1e-6)
+    same = M.randomisation(exr, x, draw=lambda n, v, r: v)
+    assert all(np.allclose(v, 1.0) for v in same.values())
