@@ -724,7 +724,9 @@ def randomisation(explainer, inputs, *, cascading: bool = True, similarity: str 
 
     The randomised constants go to a copy of the plan and through the Explainer's own compiled
     pass (the constants are an argument, so nothing recompiles); the Explainer and the torch
-    model are unchanged.
+    model are unchanged. Quantus ``MPRT`` runs the same cascade but re-initialises each layer with
+    torch's ``reset_parameters`` (other random draws, so its numbers differ); Adebayo et al. draw
+    from a truncated normal.
     """
     _check_choice("similarity", similarity, SIMILARITIES)
     _check_choice("order", order, ("top-down", "bottom-up"))

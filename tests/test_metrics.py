@@ -639,6 +639,11 @@ def test_errors(mlp, text, rgb):
         M.randomisation(ex, x, layers=["net.9"])
     with pytest.raises(TypeError, match="expected a dlbjax.Explainer"):
         M.flipping_curve(model, x, e)
+    with pytest.raises(ValueError, match="perturbations must have shape"):
+        M.max_sensitivity(ex, x, perturbations=np.zeros((5, 2, 7)))
+    one = dlbjax.Explainer(model, x[0], batch_axis=None, method="gradient")
+    with pytest.raises(MethodError, match="batch_axis=0"):
+        M.flipping_curve(one, x[0], one(x[0]))
     _, rx, rex, re_ = rgb
     with pytest.raises(ValueError, match="does not divide"):
         M.region_perturbation(rex, rx, re_, patch=3)
