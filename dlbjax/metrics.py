@@ -256,56 +256,77 @@ def _check_choice(name: str, value, allowed) -> None:
 _COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _scores_fn(plan, feats: _Features, score: str) -> Callable:
-    """jit(f(consts, xs, base, targets, masks) -> scores [B]): ``xs`` one array [B, 1, ...] per
-    program input, ``base`` [B, *row_shape], ``targets`` [B] int32, ``masks`` [B, F] bool."""
+def _flip_mask(aux, row, count):
+    """Flipping: the features of rank below ``count`` (aux = (ranks [rows, F],))."""
+    return aux[0][row] < count
+
+
+def _subset_mask(aux, row, which):
+    """Subsets: evaluation ``which`` = 0 is the unperturbed row, ``which`` = s + 1 replaces
+    subset s (aux = (subsets [rows, samples, k], valid [rows, F]))."""
+    subsets, valid = aux
+    idx = subsets[row, jnp.maximum(which - 1, 0)]
+    m = jnp.zeros(valid.shape[1], bool).at[idx].set(True)
+    return m & valid[row] & (which > 0)
+
+
+_MASKS = {"flip": _flip_mask, "subset": _subset_mask}
+
+
+def _scores_fn(plan, feats: _Features, score: str, kind: str) -> Callable:
+    """jit(f(consts, xs, base, targets, aux, rows, params) -> scores [B]). Whole-batch arrays
+    (placed once per metric call): ``xs`` one array [n, 1, ...] per program input, ``base``
+    [n, *row_shape], ``targets`` [n] int32, ``aux`` the mask data of ``kind``; per chunk:
+    ``rows`` [B] and ``params`` [B] (a flip count or a subset number) of each evaluation. The
+    masks are built on the device, so a chunk sends 2 B ints."""
     cache = _COMPILED.setdefault(plan, {})
-    key = (feats, score)
+    key = (feats, score, kind)
     if key in cache:
         return cache[key]
     program, explained = plan.program, plan.explained
+    mask_fn = _MASKS[kind]
 
-    def one(consts, xs, base, target, mask):
-        m = feats.to_elements(mask)
-        x = xs[feats.index].reshape(feats.row_shape)
-        xp = jnp.where(m, base, x).astype(x.dtype)
-        inputs = list(xs)
-        inputs[feats.index] = xp.reshape(xs[feats.index].shape)
-        out = evaluate(program, consts, inputs)[explained].reshape(-1)
+    def one(consts, xs, base, targets, aux, row, param):
+        m = feats.to_elements(mask_fn(aux, row, param))
+        xs_row = [a[row] for a in xs]
+        x = xs_row[feats.index].reshape(feats.row_shape)
+        xp = jnp.where(m, base[row], x).astype(x.dtype)
+        xs_row[feats.index] = xp.reshape(xs[feats.index].shape[1:])
+        out = evaluate(program, consts, xs_row)[explained].reshape(-1)
         out = out.astype(jnp.float32) if out.dtype in (jnp.bfloat16, jnp.float16) else out
         if score == "probability":
             out = jax.nn.sigmoid(out) if out.shape[0] == 1 else jax.nn.softmax(out)
+        target = targets[row]
         # target -1: the mean of the outputs (a regression explanation's score)
         return jnp.where(target >= 0, out[jnp.maximum(target, 0)], out.mean())
 
-    def block(consts, xs, base, targets, masks):
-        return jax.vmap(one, in_axes=(None, 0, 0, 0, 0))(consts, xs, base, targets, masks)
+    def block(consts, xs, base, targets, aux, rows, params):
+        return jax.vmap(lambda r, p: one(consts, xs, base, targets, aux, r, p))(rows, params)
 
     fn = cache[key] = jax.jit(block)
     return fn
 
 
-def _run_masks(explainer, prep: _Prepared, base: np.ndarray, targets: np.ndarray,
-               rows: np.ndarray, mask_of: Callable[[np.ndarray], np.ndarray], score: str,
-               batch_size: int) -> np.ndarray:
-    """Scores of evaluation j = (row ``rows[j]``, feature mask ``mask_of(js)[j]``), in chunks of
-    ``batch_size`` evaluations (the last padded): one compiled call per chunk."""
+def _run(explainer, prep: _Prepared, base: np.ndarray, targets: np.ndarray, kind: str,
+         aux: tuple, rows: np.ndarray, params: np.ndarray, score: str,
+         batch_size: int) -> np.ndarray:
+    """Scores of evaluation j = (row ``rows[j]``, mask ``kind(aux, rows[j], params[j])``), in
+    chunks of ``batch_size`` evaluations (the last padded): one compiled call per chunk."""
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     plan = explainer.plan
-    fn = _scores_fn(plan, prep.feats, score)
+    fn = _scores_fn(plan, prep.feats, score, kind)
     total = len(rows)
     # chunks of min(batch_size, the next power of two >= total) evaluations: a handful of
-    # compilations serve every row count and step count
+    # compilations serve every step count
     size = int(min(batch_size, 1 << max(0, int(total - 1).bit_length())))
     out = np.empty(total, np.float64)
-    consts = plan.consts
+    placed = (tuple(jnp.asarray(a) for a in prep.arrays), jnp.asarray(base),
+              jnp.asarray(targets, jnp.int32), tuple(jnp.asarray(a) for a in aux))
+    rows, params = rows.astype(np.int32), params.astype(np.int32)
     for s in range(0, total, size):
         js = np.minimum(np.arange(s, s + size), total - 1)
-        r = rows[js]
-        xs = tuple(jnp.asarray(a[r]) for a in prep.arrays)
-        res = fn(consts, xs, jnp.asarray(base[r]), jnp.asarray(targets[r], jnp.int32),
-                 jnp.asarray(mask_of(js)))
+        res = fn(plan.consts, *placed, jnp.asarray(rows[js]), jnp.asarray(params[js]))
         keep = min(size, total - s)
         out[s:s + keep] = np.asarray(res, np.float64)[:keep]
     return out
@@ -407,12 +428,8 @@ def flipping_curve(explainer, inputs, relevance, *, order: str = "morf",
     ranks = _ranks(rel, prep.valid, order)
     counts, steps = _counts(prep.valid, steps)
     rows = np.repeat(np.arange(prep.n), steps + 1)
-    step = np.tile(np.arange(steps + 1), prep.n)
-
-    def mask_of(js):
-        return ranks[rows[js]] < counts[rows[js], step[js]][:, None]
-
-    scores = _run_masks(explainer, prep, base, targets, rows, mask_of, score, batch_size)
+    scores = _run(explainer, prep, base, targets, "flip", (ranks.astype(np.int32),), rows,
+                  counts.reshape(-1), score, batch_size)
     return scores.reshape(prep.n, steps + 1)
 
 
@@ -520,15 +537,8 @@ def faithfulness_correlation(explainer, inputs, relevance, *, subset_size: int =
     # evaluation (r, 0) is the unperturbed row, (r, 1 + s) the row with subset s replaced
     rows = np.repeat(np.arange(prep.n), samples + 1)
     which = np.tile(np.arange(samples + 1), prep.n)
-
-    def mask_of(js):
-        m = np.zeros((len(js), F), bool)
-        hit = np.nonzero(which[js])[0]
-        m[hit[:, None], subsets[rows[js][hit], which[js][hit] - 1]] = True
-        return m & prep.valid[rows[js]]
-
-    s = _run_masks(explainer, prep, base, targets, rows, mask_of, score,
-                   batch_size).reshape(prep.n, samples + 1)
+    s = _run(explainer, prep, base, targets, "subset", (subsets.astype(np.int32), prep.valid),
+             rows, which, score, batch_size).reshape(prep.n, samples + 1)
     drops = s[:, :1] - s[:, 1:]
     sums = np.stack([rel[r][subsets[r]].sum(-1) for r in range(prep.n)])
     return _pearson(sums, drops)

@@ -239,7 +239,7 @@ def test_flipping_chunks_compile_once(cnn):
     chunked = M.flipping_curve(ex, x, e, steps=16, baseline="zero", batch_size=8)
     np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-6)
     feats = M._Features(0, (1, 8, 8), "pixel", 1)
-    fn = M._scores_fn(ex.plan, feats, "logit")
+    fn = M._scores_fn(ex.plan, feats, "logit", "flip")
     before = fn._cache_size()
     M.flipping_curve(ex, x, e, steps=16, baseline=0.5, batch_size=8, order="lerf")
     assert fn._cache_size() == before
