@@ -205,6 +205,19 @@ def test_flipping_steps_and_probability(mlp):
     np.testing.assert_array_equal(c1, c2)
 
 
+@pytest.mark.parametrize("order", ["morf", "lerf"])
+def test_flipping_ties_are_stable(mlp, order):
+    """Tied relevance goes in feature order (the lower index first) for MoRF and LeRF."""
+    model, x, ex, e = mlp
+    rel = np.round(np.asarray(e.relevance["x"]), 1)
+    rel[0] = 0.0                                   # one row all tied
+    assert any(len(set(r)) < len(r) for r in rel)
+    curve = M.flipping_curve(ex, x, {"x": rel}, order=order, baseline=0.5, target=e.target)
+    ref = ref_flipping(model, x.numpy(), feature_relevance(rel, "element"), e.target, order, 8,
+                       np.full((5, 8), 0.5, np.float32))
+    close(curve, ref)
+
+
 def test_flipping_image_pixels_across_channels(rgb):
     """A [3, 8, 8] image: one feature is a pixel over all 3 channels, relevance summed over them;
     the blur baseline is scipy's Gaussian filter over H and W."""
@@ -531,6 +544,7 @@ def test_randomisation_identity_and_decrease(cnn):
                                  draw=lambda n, v, r: v).values():
             np.testing.assert_allclose(v, 1.0, atol=1e-6)
     rand = M.randomisation(ex, x, seed=0, absolute=True)
+    assert np.all(rand["fc2"] > rand["fc1"]) and np.all(rand["fc1"] > rand["conv"])
     assert np.mean(rand["conv"]) < 0.9
     bottom = M.randomisation(ex, x, order="bottom-up", layers=["conv", "fc1"], seed=0)
     assert list(bottom) == ["conv", "fc1"]
