@@ -51,8 +51,6 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.ndimage
-import scipy.stats
 
 from ._assemble import explain_rows
 from ._errors import InputMismatchError, MethodError, TargetError
@@ -226,6 +224,7 @@ def _baseline(prep: _Prepared, baseline, blur_sigma: float) -> np.ndarray:
                 raise ValueError("baseline 'blur' needs an image input (rows [C, H, W])")
             if not blur_sigma > 0:
                 raise ValueError(f"blur_sigma must be positive, got {blur_sigma!r}")
+            import scipy.ndimage  # (imported on use: scipy.stats/ndimage cost ~1 s at import)
             sigma = (0, 0, blur_sigma, blur_sigma)
             return scipy.ndimage.gaussian_filter(x.astype(np.float64), sigma).astype(x.dtype)
         raise ValueError(f"unknown baseline {baseline!r}: use 'zero', 'mean', 'blur', a number or "
@@ -706,6 +705,7 @@ def _similarity(a, b, kind: str = "spearman") -> np.ndarray:
         return np.asarray(out)
     a, b = a.reshape(n, -1), b.reshape(n, -1)
     if kind == "spearman":
+        import scipy.stats  # (imported on use)
         a, b = scipy.stats.rankdata(a, axis=1), scipy.stats.rankdata(b, axis=1)
     if kind == "cosine":
         with np.errstate(invalid="ignore", divide="ignore"):
