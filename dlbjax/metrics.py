@@ -455,7 +455,7 @@ def _curve(curve) -> np.ndarray:
 
 
 def aopc(curve) -> np.ndarray:
-    """Area over the perturbation curve (Samek et al. 2017, eq. 12), per row:
+    """Area over the perturbation curve (Samek et al. 2017), per row:
     ``AOPC = 1/(L+1) * sum_{k=0..L} (f(x_0) - f(x_k))`` for a curve ``[rows, L + 1]`` from
     :func:`flipping_curve` (column 0 unperturbed). MoRF: higher is better (the score drops fast);
     LeRF: lower is better."""
@@ -497,7 +497,7 @@ def faithfulness_correlation(explainer, inputs, relevance, *, subset_size: int =
                              target: Any = None, score: str = "logit", blur_sigma: float = 2.0,
                              batch_size: int = 1024) -> np.ndarray:
     """Faithfulness correlation (Bhatt et al. 2020, "Evaluating and aggregating feature-based
-    model explanations", eq. 2), per row: the Pearson correlation over ``samples`` random subsets
+    model explanations"), per row: the Pearson correlation over ``samples`` random subsets
     S of ``subset_size`` features between ``sum_{i in S} R_i`` and the score drop
     ``f(x) - f(x with S replaced by the baseline)``. Higher is better (in [-1, 1]; NaN when
     either side is constant).
