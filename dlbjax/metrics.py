@@ -491,7 +491,7 @@ def random_subsets(valid: np.ndarray, samples: int, subset_size: int, seed: int)
     return out
 
 
-def faithfulness_correlation(explainer, inputs, relevance, *, subset_size: int = 1,
+def faithfulness_correlation(explainer, inputs, relevance, *, subset_size: Optional[int] = None,
                              samples: int = 100, baseline: Any = "mean", seed: int = 0,
                              subsets: Optional[np.ndarray] = None, input: Optional[str] = None,
                              target: Any = None, score: str = "logit", blur_sigma: float = 2.0,
@@ -502,6 +502,7 @@ def faithfulness_correlation(explainer, inputs, relevance, *, subset_size: int =
     ``f(x) - f(x with S replaced by the baseline)``. Higher is better (in [-1, 1]; NaN when
     either side is constant).
 
+    ``subset_size`` None: a tenth of the fewest perturbable features of a row (at least 1).
     Subsets: :func:`random_subsets` (seeded, padded tokens never drawn), or ``subsets``
     [rows, samples, subset_size] feature indices given explicitly. Features as in
     :func:`flipping_curve`. Quantus ``FaithfulnessCorrelation`` (0.6.0) computes the same number
@@ -519,6 +520,8 @@ def faithfulness_correlation(explainer, inputs, relevance, *, subset_size: int =
                 or samples < 2:
             raise ValueError(f"samples must be an int >= 2, got {samples!r}")
         smallest = int(prep.valid.sum(1).min())
+        if subset_size is None:
+            subset_size = max(1, smallest // 10)
         if not isinstance(subset_size, (int, np.integer)) or not 1 <= subset_size <= smallest:
             raise ValueError(f"subset_size must be an int in 1..{smallest} (the fewest perturbable "
                              f"features of a row), got {subset_size!r}")

@@ -643,6 +643,9 @@ def test_errors(mlp, text, rgb):
         M.flipping_curve(ex, x, e, input="y")
     with pytest.raises(ValueError, match="subset_size must be an int in 1..8"):
         M.faithfulness_correlation(ex, x, e, subset_size=9)
+    # the default subset size: a tenth of the 8 features, at least 1
+    np.testing.assert_array_equal(M.faithfulness_correlation(ex, x, e, samples=5),
+                                  M.faithfulness_correlation(ex, x, e, subset_size=1, samples=5))
     with pytest.raises(ValueError, match="subsets must be feature indices"):
         M.faithfulness_correlation(ex, x, e, subsets=np.full((5, 3, 2), 8))
     with pytest.raises(ValueError, match="norm must be one of"):
