@@ -22,6 +22,7 @@ from ._cache import enable_compilation_cache
 from ._dataset import load_results
 from ._generate import Generation, Generator, generate
 from ._version import __version__
+from . import metrics  # dlbjax.metrics: faithfulness metrics of explanations
 # function forms of Explanation's methods (e.plot(), e.plot_graph(), e.plot_experts(),
 # e.to_html(), Explanation.load): kept importable, not part of __all__
 from ._views import plot, plot_experts, plot_graph, plot_methods, to_html
