@@ -306,6 +306,7 @@ def main():
     p.add_argument("--quick", action="store_true", help="32 rows, fewer samples (a smoke run)")
     p.add_argument("--models", default="digits,cancer,text")
     args = p.parse_args()
+    warnings.filterwarnings("ignore", message="Mean of empty slice")  # constant maps: FC is NaN
     if args.quick:
         args.rows, args.fc_samples, args.sens_samples, args.repeats = 32, 10, 2, 1
     print(machine_line())
