@@ -37,6 +37,7 @@ from dlbjax.lowerings.attention import sdpa_parts
 from ._lrp import ATTNLRP, lrp_divide
 from ._math import safe_div, unbroadcast
 from ._registry import RuleResult, Streams, register
+from .elementwise import attnlrp_softmax
 
 __all__ = ["bilinear_shares", "sdpa_relevance", "uniform_bilinear", "attnlrp_sdpa"]
 
@@ -157,7 +158,6 @@ def attnlrp_sdpa(R, query, key, value, attn_mask=None, is_causal=False, scale=No
        unscaled product Q K^T (the stabiliser acts on Q K^T, as in the written-out form) ->
        R_Q, R_K; repeated key/value heads of grouped-query attention sum back into their head.
     """
-    from .elementwise import attnlrp_softmax
     scores, mask, probs, k_rep, v_rep = sdpa_parts(query, key, value, attn_mask, is_causal, scale,
                                                   enable_gqa)
     R_a, R_v = uniform_bilinear(_mm, probs, v_rep, R, epsilon)

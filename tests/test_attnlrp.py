@@ -491,3 +491,99 @@ def test_a_transformer_block_equals_the_composed_reference(causal, x64):
         np.testing.assert_allclose(rel[i], ref, rtol=1e-7, atol=1e-9 * np.abs(ref).max())
     assert np.all(rel[1, 3:] != 0)  # padded tokens still feed their own residual stream
     np.testing.assert_array_equal(np.asarray(e.relevance["mask"]), 0)
+
+
+def _padded(name, batch=2):
+    x = hf_zoo.inputs(name, batch=batch)
+    x["attention_mask"][0, 5:] = 0  # row 0: the last three tokens are padding
+    return x
+
+
+def _row(x, i):
+    return {k: v[i:i + 1] if isinstance(v, torch.Tensor) else v for k, v in x.items()}
+
+
+_EXPLAINERS = {}
+
+
+def _explainer(name, attn):
+    if (name, attn) not in _EXPLAINERS:
+        _EXPLAINERS[name, attn] = dlbjax.Explainer(hf_zoo.tiny(name, attn), _padded(name),
+                                                   method=M)
+    return _EXPLAINERS[name, attn]
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_tiny_hf_models_run_with_finite_relevance_and_zero_at_padding(name):
+    """A BERT classifier and a LLaMA causal LM (next-token task, grouped-query attention, RoPE,
+    fused LlamaRMSNorm, SiLU-gated MLP): finite relevance per token, exactly 0 at padded tokens,
+    batch == per row, the conservation report adds up."""
+    ex = _explainer(name, "sdpa")
+    assert SDPA in {q.op for q in ex.plan.program.eqns}
+    x = _padded(name)
+    e = ex(x)
+    r = np.asarray(e.relevance["input_ids"])
+    assert r.shape == (2, 8) and np.isfinite(r).all()
+    np.testing.assert_array_equal(r[0, 5:], 0)
+    assert np.all(r[0, :5] != 0) and np.all(r[1] != 0)
+    np.testing.assert_array_equal(np.asarray(e.relevance["attention_mask"]), 0)
+    rows = np.concatenate([np.asarray(ex(_row(x, i), target=e.target[i:i + 1])
+                                      .relevance["input_ids"]) for i in range(2)])
+    np.testing.assert_allclose(r, rows, rtol=1e-5, atol=1e-5 * np.abs(r).max())
+    c = e.conservation
+    np.testing.assert_allclose(np.asarray(c.inputs), r.sum(1), rtol=1e-5, atol=1e-4)
+    assert np.isfinite(np.asarray(c.bias)).all()
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_eager_attention_written_out_equals_sdpa_kept_whole(name):
+    """attn_implementation="eager" writes attention out (matmul, softmax, a finfo.min additive
+    mask, matmul): the softmax and uniform rules op by op give what the SDPA rule gives whole."""
+    ex = _explainer(name, "eager")
+    ops = {q.op for q in ex.plan.program.eqns}
+    assert SDPA not in ops and "aten.softmax.int" in ops and "aten.matmul.default" in ops
+    x = _padded(name)
+    whole = _explainer(name, "sdpa")(x)
+    written = ex(x, target=whole.target)
+    a, b = (np.asarray(e.relevance["input_ids"]) for e in (whole, written))
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * np.abs(a).max())
+    np.testing.assert_array_equal(b[0, 5:], 0)
+    # and it is not DLB's relevance
+    dlb = ex.replace(method="dlb")(x, target=whole.target)
+    assert np.abs(np.asarray(dlb.relevance["input_ids"]) - b).max() > 1e-2 * np.abs(b).max()
+
+
+# ------------------------------------------------------------------------------------------------
+# typed errors
+# ------------------------------------------------------------------------------------------------
+def test_unsupported_patterns_raise_typed_errors():
+    class MaskFromInput(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.m = nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            q = self.q(x)
+            bias = self.m(x)  # an input-dependent additive mask [B, 3, 3]
+            return F.scaled_dot_product_attention(q, q, q, attn_mask=bias).sum(1)
+
+    with pytest.raises(UnsupportedOperationError, match="mask carries relevance") as info:
+        dlbjax.Explainer(MaskFromInput().eval(), torch.randn(1, 3, 4), method=M,
+                         task="regression")
+    assert "scaled_dot_product_attention" in str(info.value)
+
+    class Recurrent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.fc = nn.LSTM(4, 5, batch_first=True), nn.Linear(5, 2)
+
+        def forward(self, x):
+            return self.fc(self.rnn(x)[0][:, -1])
+
+    with pytest.raises(UnsupportedOperationError, match="'attnlrp'"):
+        dlbjax.Explainer(Recurrent().eval(), torch.randn(1, 3, 4), method=M)
+    lin = nn.Linear(4, 2).eval()
+    with pytest.raises(MethodError, match="contrastive"):
+        dlbjax.Explainer(lin, torch.randn(1, 4), method=M, mode="contrastive")
+    with pytest.raises(MethodError):
+        dlbjax.Explainer(lin, torch.randn(1, 4), method=M, gamma=0.5)
