@@ -269,3 +269,31 @@ def _attnlrp_softmax(ctx, R, self, dim, *args, **kwargs):
 
 register("aten.softmax.int", "aten._softmax.default", default=_attnlrp_softmax, method=ATTNLRP,
          section="AttnLRP Prop. 3.1")
+
+
+def _attnlrp_add(ctx, R, *args, **kwargs):
+    """AttnLRP on a sum: the LRP base z-rule (epsilon rule of the add, ``stabilizer``): operand m
+    gets ``R v_m / stab(sum_n v_n)``, a constant addend keeps its share (absorbed).
+
+    Decision (written-out attention masks): where the sum is not finite (an additive -inf mask
+    on the scores) nothing passes and nothing is kept (0, where the z-rule would give
+    ``0 * inf`` = NaN); the softmax rule gives those logits 0 anyway. Elsewhere it is exactly the
+    z-rule of ``method="lrp"``."""
+    out = ctx.out
+    fin = jnp.isfinite(out)
+    g = jnp.where(fin, lrp_divide(R, jnp.where(fin, out, 1), ctx.params.get("stabilizer", 1e-6)),
+                  0)
+    result, kept = [None] * len(args), None
+    for p, v in _add_terms(ctx.op, args, kwargs):
+        v = jnp.broadcast_to(jnp.asarray(v, out.dtype), out.shape)
+        share = g * jnp.where(fin, v, 0)
+        if ctx.carrying(p):
+            result[p] = unbroadcast(share, jnp.shape(args[p]))
+        else:
+            kept = jnp.sum(share) if kept is None else kept + jnp.sum(share)
+    return RuleResult(tuple(result), kept)
+
+
+register("aten.add.Tensor", "aten.add.Scalar", "aten.sub.Tensor", "aten.sub.Scalar",
+         "aten.rsub.Scalar", "aten.rsub.Tensor", default=_attnlrp_add, method=ATTNLRP,
+         section="LRP z-rule (AttnLRP: -inf masks)")

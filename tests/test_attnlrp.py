@@ -587,3 +587,71 @@ def test_unsupported_patterns_raise_typed_errors():
         dlbjax.Explainer(lin, torch.randn(1, 4), method=M, mode="contrastive")
     with pytest.raises(MethodError):
         dlbjax.Explainer(lin, torch.randn(1, 4), method=M, gamma=0.5)
+
+
+def test_fused_llama_rms_norm_equals_the_rms_norm_rule_up_to_epsilon():
+    """Decision for written-out norms fused by passes/fuse.py: their rule stays the shared
+    identity. For an RMS norm (LlamaRMSNorm) that is AttnLRP's rule up to the stabiliser: the
+    same network with torch's RMSNorm (aten.rms_norm, the epsilon rule) gives the same relevance
+    within 1e-4."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    class Net(nn.Module):
+        def __init__(self, norm):
+            super().__init__()
+            self.a, self.norm, self.b = nn.Linear(6, 8), norm, nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.b(self.norm(self.a(x)))
+
+    torch.manual_seed(12)
+    fused = Net(LlamaRMSNorm(8, eps=1e-6)).eval()
+    with torch.no_grad():
+        fused.norm.weight.uniform_(0.5, 1.5)
+    native = Net(nn.RMSNorm(8, eps=1e-6)).eval()
+    native.load_state_dict(fused.state_dict())
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(13))
+    ops_f = {q.op for q in dlbjax.Explainer(fused, x, method=M).plan.program.eqns}
+    ops_n = {q.op for q in dlbjax.Explainer(native, x, method=M).plan.program.eqns}
+    assert "dlbjax.fused" in ops_f and "aten.rms_norm.default" in ops_n
+    a = np.asarray(dlbjax.explain(fused, x, method=M, target=[0, 1, 2, 0]).relevance["x"])
+    b = np.asarray(dlbjax.explain(native, x, method=M, target=[0, 1, 2, 0]).relevance["x"])
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
+
+
+class InfMaskAttention(nn.Module):
+    """Attention with an additive 0/-inf padding mask, written out or as SDPA's float mask."""
+
+    def __init__(self, written):
+        super().__init__()
+        self.qkv, self.out, self.written = nn.Linear(8, 24), nn.Linear(8, 3), written
+
+    def forward(self, x, mask):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        add = torch.zeros(mask.shape, dtype=x.dtype).masked_fill(mask == 0, float("-inf"))
+        add = add[:, None, None, :]
+        if self.written:
+            o = torch.matmul(torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * 0.5 + add, -1), v)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=add, scale=0.5)
+        return self.out(o.transpose(1, 2).reshape(B, T, 8).mean(1))
+
+
+def test_an_additive_minus_inf_mask_written_out_gives_finite_totals_and_equals_sdpa(x64):
+    """The z-rule of the add would keep 0 * inf = NaN for a written-out -inf mask; attnlrp's add
+    rule keeps nothing where the sum is -inf, and equals SDPA kept whole with the float mask."""
+    torch.manual_seed(14)
+    written = InfMaskAttention(True).double().eval()
+    whole = InfMaskAttention(False).double().eval()
+    whole.load_state_dict(written.state_dict())
+    x = torch.randn(2, 5, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(15))
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[0, 3:] = 0
+    a = dlbjax.explain(written, (x, mask), method=M, target=[0, 1])
+    b = dlbjax.explain(whole, (x, mask), method=M, target=[0, 1])
+    assert SDPA in {q.op for q in dlbjax.Explainer(whole, (x, mask), method=M).program.eqns}
+    np.testing.assert_allclose(np.asarray(a.relevance["x"]), np.asarray(b.relevance["x"]),
+                               rtol=1e-9, atol=1e-12)
+    for e in (a, b):
+        assert np.isfinite(np.asarray(e.conservation.bias)).all()
