@@ -20,6 +20,8 @@ Both are computed in the sign-split GEMM form (§2.6): P and N from two forward 
 The LRP family (``lrp-0``, ``lrp-epsilon``, ``lrp-gamma``, ``lrp-alpha-beta``, ``flat``,
 ``w-square``, ``zb``; formulas in ``rules/_lrp.py``) registers one rule per method for the same
 ops, from the same (lin, x, W, b) parts; a product of two activations has no LRP rule here.
+``attnlrp`` (bottom) registers mm/bmm/matmul: the uniform epsilon rule between two activations
+(``rules.attention.uniform_bilinear``), LRP-epsilon with a constant operand.
 """
 
 from __future__ import annotations

@@ -21,6 +21,10 @@ identity through the scale, the bilinear rule (1/2, 1/2) for S = Q K^T, and sums
 key/value heads for grouped-query attention. All maps are non-negative and the totals with
 phi = 1/2 and no float mask are V 1/2, Q 1/4, K 1/4.
 
+AttnLRP (``method="attnlrp"``, bottom of the file): :func:`uniform_bilinear` (the uniform epsilon
+rule of a product of two activations) and :func:`attnlrp_sdpa` (SDPA kept whole as the
+composition of AttnLRP's rules over its written-out form).
+
 Contrastive mode (§9.17, experimental): each stream is split with the same shares; the mask add
 is a one-sided unit for each stream, so both streams pass to the scores whole (the mask takes no
 share, like a bias in §3.2).

@@ -1,6 +1,8 @@
 """Element-wise rules: add/sub (spec §4.4), products with constants and between activations
 (§4.7, §4.8, §9.5) and activations, softmax and negation (identity plus their gating entry, §2.2,
 §8.1, §9.6). Norms and dropout are in ``norm.py``, fused modules in ``fused.py``.
+``attnlrp`` (bottom): the softmax rule (AttnLRP Prop. 3.1) and the z-rule of sums made safe for
+-inf masks; its activations (identity) and gated products (R/2 each) are the shared rules above.
 """
 
 from __future__ import annotations

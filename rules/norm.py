@@ -4,6 +4,12 @@ Batch norm in inference, layer/group/RMS norm (with their affine parameters as p
 and dropout in eval pass relevance unchanged to their first operand; the statistics outputs of
 ``native_layer_norm`` and of the batch-norm kernel (mean, rstd) carry none; a negative scale does
 not swap the contrastive streams (§8.10).
+
+``attnlrp`` (bottom): layer/group norm with sigma frozen and LRP-epsilon on the remaining linear
+map (beta's share absorbed), RMS norm element-wise epsilon. Written-out norms fused by
+``passes/fuse.py`` keep the shared identity under attnlrp: exact up to epsilon for RMS norms
+(LlamaRMSNorm, T5LayerNorm); for a written-out mean-subtracting layer norm the identity is not
+AttnLRP's centred rule (a known gap: such a module is not recognised as centring).
 """
 
 from __future__ import annotations

@@ -655,3 +655,27 @@ def test_an_additive_minus_inf_mask_written_out_gives_finite_totals_and_equals_s
                                rtol=1e-9, atol=1e-12)
     for e in (a, b):
         assert np.isfinite(np.asarray(e.conservation.bias)).all()
+
+
+def test_add_rule_is_the_z_rule_and_zero_where_the_sum_is_minus_inf(x64):
+    rng = np.random.default_rng(16)
+    a, R = rng.normal(size=(3, 4)), rng.normal(size=(3, 4))
+    c = rng.normal(size=(3, 4))
+    (ra, rc), kept = call("aten.add.Tensor", [a, c], carries=(True, False), R=R)
+    d = np.vectorize(stab)(a + c)
+    np.testing.assert_allclose(ra, a * R / d, rtol=1e-12)
+    assert kept == pytest.approx((c * R / d).sum(), rel=1e-12)
+    c[0, :2] = -np.inf
+    (ra, _), kept = call("aten.add.Tensor", [a, c], carries=(True, False), R=R)
+    assert np.all(ra[0, :2] == 0) and np.isfinite(kept)
+    np.testing.assert_allclose(ra[1:], (a * R / d)[1:], rtol=1e-12)
+    assert kept == pytest.approx((c * R / d)[np.isfinite(c)].sum(), rel=1e-12)
+
+
+def test_uniform_rule_of_a_vector_matrix_product(x64):
+    rng = np.random.default_rng(17)
+    a, b, R = rng.normal(size=4), rng.normal(size=(4, 5)), rng.normal(size=5)
+    (ra, rb), _ = call("aten.matmul.default", [a, b], R=R)
+    ea, eb = ref_uniform(a[None], b, R[None])
+    np.testing.assert_allclose(ra, ea[0], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(rb, eb, rtol=1e-10, atol=1e-12)
