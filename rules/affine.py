@@ -20,6 +20,8 @@ Both are computed in the sign-split GEMM form (§2.6): P and N from two forward 
 The LRP family (``lrp-0``, ``lrp-epsilon``, ``lrp-gamma``, ``lrp-alpha-beta``, ``flat``,
 ``w-square``, ``zb``; formulas in ``rules/_lrp.py``) registers one rule per method for the same
 ops, from the same (lin, x, W, b) parts; a product of two activations has no LRP rule here.
+``attnlrp`` (bottom) registers mm/bmm/matmul: the uniform epsilon rule between two activations
+(``rules.attention.uniform_bilinear``), LRP-epsilon with a constant operand.
 """
 
 from __future__ import annotations
@@ -29,10 +31,10 @@ import jax.numpy as jnp
 from dlbjax.lowerings import HIGHEST
 from dlbjax.lowerings.affine import conv_nd, conv_transpose_nd
 
-from ._lrp import LRP_METHODS, UNITS
+from ._lrp import ATTNLRP, LRP_METHODS, UNITS
 from ._math import linear_operator_rule
 from ._registry import RuleResult, Streams, carried, register
-from .attention import bilinear_shares
+from .attention import bilinear_shares, uniform_bilinear
 
 __all__ = []
 
@@ -255,3 +257,20 @@ for _method in LRP_METHODS:
     for _ops, _parts, _check in _LRP_OPS:
         register(*_ops, default=_lrp_rule(_parts, _method), check=_check, method=_method,
                  section=f"LRP {_method}")
+
+
+# ---- AttnLRP (rules/_lrp.py, rules/attention.py): mm / bmm / matmul -----------------------------
+_attnlrp_affine_mm = _lrp_rule(_mm_parts, "lrp-epsilon")
+
+
+def _attnlrp_mm(ctx, R, self, other):
+    """AttnLRP on a product: between two relevance-carrying operands (Q K^T, A V written out) the
+    uniform epsilon rule (``rules.attention.uniform_bilinear``: each factor half of the bilinear
+    form's epsilon-LRP); with one constant operand the op is an affine layer: LRP-epsilon."""
+    if ctx.carrying(0) and ctx.carrying(1):
+        return uniform_bilinear(_matmul, self, other, R, ctx.params.get("epsilon", 1e-6))
+    return _attnlrp_affine_mm(ctx, R, self, other)
+
+
+register("aten.mm.default", "aten.bmm.default", "aten.matmul.default", default=_attnlrp_mm,
+         check=_mm_check, method=ATTNLRP, section="AttnLRP Sec. 3.3.2, LRP-eps")

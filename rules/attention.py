@@ -21,6 +21,10 @@ identity through the scale, the bilinear rule (1/2, 1/2) for S = Q K^T, and sums
 key/value heads for grouped-query attention. All maps are non-negative and the totals with
 phi = 1/2 and no float mask are V 1/2, Q 1/4, K 1/4.
 
+AttnLRP (``method="attnlrp"``, bottom of the file): :func:`uniform_bilinear` (the uniform epsilon
+rule of a product of two activations) and :func:`attnlrp_sdpa` (SDPA kept whole as the
+composition of AttnLRP's rules over its written-out form).
+
 Contrastive mode (§9.17, experimental): each stream is split with the same shares; the mask add
 is a one-sided unit for each stream, so both streams pass to the scores whole (the mask takes no
 share, like a bias in §3.2).
@@ -28,15 +32,18 @@ share, like a bias in §3.2).
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from dlbjax.lowerings import HIGHEST
 from dlbjax.lowerings.attention import sdpa_parts
 
+from ._lrp import ATTNLRP, lrp_divide
 from ._math import safe_div, unbroadcast
 from ._registry import RuleResult, Streams, register
+from .elementwise import attnlrp_softmax
 
-__all__ = ["bilinear_shares", "sdpa_relevance"]
+__all__ = ["bilinear_shares", "sdpa_relevance", "uniform_bilinear", "attnlrp_sdpa"]
 
 
 def _mt(x):
@@ -118,3 +125,73 @@ def _sdpa(ctx, R, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fa
 
 register("aten.scaled_dot_product_attention.default", default=_sdpa, contrastive=_sdpa,
          check=_sdpa_check, section="§4.9, §9.8-9.10")
+
+
+# ------------------------------------------------------------------------------------------------
+# AttnLRP (Achtibat et al., ICML 2024): the uniform rule for products, SDPA kept whole
+# ------------------------------------------------------------------------------------------------
+def uniform_bilinear(f, a, b, R, eps):
+    """AttnLRP's uniform epsilon rule for a product ``O = f(a, b)`` bilinear in two
+    relevance-carrying operands (Sec. 3.3.2: the bilinear form's epsilon-LRP, each factor half):
+    for O = A B, ``R_A[i,j] = sum_k A_ij B_jk R_ik / stab(2 O_ik)`` and
+    ``R_B[j,k] = sum_i A_ij B_jk R_ik / stab(2 O_ik)``, computed as ``A * (G B^T)`` and
+    ``B * (A^T G)`` with ``G = R / stab_eps(2 O)`` (the VJP of f: no [i, j, k] tensor; batch axes
+    and broadcasting come with it). ``sum R_A + sum R_B = sum R 2O / stab(2O)``: conserving up to
+    the stabiliser (0 where 2O = 0 and eps = 0)."""
+    out, vjp = jax.vjp(f, a, b)
+    g = lrp_divide(R.astype(out.dtype), 2 * out, eps)
+    ga, gb = vjp(g)
+    return a * ga, b * gb
+
+
+def attnlrp_sdpa(R, query, key, value, attn_mask=None, is_causal=False, scale=None,
+                 enable_gqa=False, epsilon=1e-6, stabilizer=1e-6):
+    """AttnLRP relevance of (query, key, value) through SDPA kept whole, and the additive mask's
+    kept share. The rule is the composition of AttnLRP's rules over the written-out form
+    ``O = softmax(scale * (Q K^T) + mask) V`` (as Hugging Face's eager attention writes it):
+
+    1. O = A V: :func:`uniform_bilinear` (epsilon) -> R_A, R_V;
+    2. A = softmax(L), L the logits: the softmax rule (Prop. 3.1,
+       :func:`rules.elementwise.attnlrp_softmax`) -> R_L; masked keys (probability 0) get 0;
+    3. L = S + mask: a boolean or causal mask (0 / -inf) passes R_L to S unchanged (its share at
+       attended positions is 0 and masked positions already hold 0, exactly as ``masked_fill``
+       does written out); a float mask is a constant addend: the epsilon (z-) rule of the add with
+       ``stabilizer``, as the LRP base rule of a written-out add does: S gets ``S R_L / stab(L)``,
+       the mask keeps ``mask R_L / stab(L)`` (returned as absorbed); -inf entries keep nothing;
+    4. S = scale * (Q K^T): identity through the constant scale, then the uniform rule on the
+       unscaled product Q K^T (the stabiliser acts on Q K^T, as in the written-out form) ->
+       R_Q, R_K; repeated key/value heads of grouped-query attention sum back into their head.
+    """
+    scores, mask, probs, k_rep, v_rep = sdpa_parts(query, key, value, attn_mask, is_causal, scale,
+                                                  enable_gqa)
+    R_a, R_v = uniform_bilinear(_mm, probs, v_rep, R, epsilon)
+    logits = scores if mask is None else scores + mask
+    R_l = attnlrp_softmax(logits, probs, R_a, logits.ndim - 1)
+    absorbed = jnp.zeros((), R.dtype)
+    if mask is None or (attn_mask is None or attn_mask.dtype == jnp.bool_):
+        R_s = R_l
+    else:
+        m = jnp.broadcast_to(mask, scores.shape)
+        fin = jnp.isfinite(logits)
+        g = jnp.where(fin, lrp_divide(R_l, jnp.where(fin, logits, 1), stabilizer), 0)
+        R_s = scores * g
+        absorbed = jnp.sum(jnp.where(jnp.isfinite(m), m, 0) * g)
+    R_q, R_kt = uniform_bilinear(_mm, query, _mt(k_rep), R_s, epsilon)
+    R_k = _fold_heads(_mt(R_kt), key.shape[-3] if key.ndim >= 3 else None)
+    R_v = _fold_heads(R_v, value.shape[-3] if value.ndim >= 3 else None)
+    return (unbroadcast(R_q, query.shape), unbroadcast(R_k, key.shape),
+            unbroadcast(R_v, value.shape), absorbed)
+
+
+def _attnlrp_sdpa(ctx, R, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *,
+                  scale=None, enable_gqa=False):
+    """AttnLRP rule of SDPA kept whole (:func:`attnlrp_sdpa`); ``epsilon`` and ``stabilizer``
+    from the method's parameters."""
+    q, k, v, kept = attnlrp_sdpa(R, query, key, value, attn_mask, is_causal, scale, enable_gqa,
+                                 ctx.params.get("epsilon", 1e-6),
+                                 ctx.params.get("stabilizer", 1e-6))
+    return RuleResult(tuple(r if ctx.carrying(i) else None for i, r in enumerate((q, k, v))), kept)
+
+
+register("aten.scaled_dot_product_attention.default", default=_attnlrp_sdpa, check=_sdpa_check,
+         method=ATTNLRP, section="AttnLRP Prop. 3.1, Sec. 3.3.2")

@@ -1,6 +1,8 @@
 """Element-wise rules: add/sub (spec §4.4), products with constants and between activations
 (§4.7, §4.8, §9.5) and activations, softmax and negation (identity plus their gating entry, §2.2,
 §8.1, §9.6). Norms and dropout are in ``norm.py``, fused modules in ``fused.py``.
+``attnlrp`` (bottom): the softmax rule (AttnLRP Prop. 3.1) and the z-rule of sums made safe for
+-inf masks; its activations (identity) and gated products (R/2 each) are the shared rules above.
 """
 
 from __future__ import annotations
@@ -8,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ._lrp import LRP, lrp_divide
+from ._lrp import ATTNLRP, LRP, lrp_divide
 from ._math import relu, safe_div, unbroadcast, unit_rule
 from ._registry import GateSpec, RuleResult, Streams, register
 
@@ -237,3 +239,63 @@ register("aten.leaky_relu.default", "aten.elu.default", "aten.selu.default", "at
          "aten.softplus.default", "aten.mish.default", "aten.hardswish.default",
          "aten.log_sigmoid.default", "aten.log_softmax.int", "aten._log_softmax.default",
          "aten.neg.default", default=identity, shared=True, section="§2.2 (null entries), §4.8")
+
+
+# ------------------------------------------------------------------------------------------------
+# AttnLRP (Achtibat et al., ICML 2024): softmax
+# ------------------------------------------------------------------------------------------------
+def attnlrp_softmax(x, s, R, axis):
+    """AttnLRP's softmax rule (Prop. 3.1: Taylor decomposition at the input x, the bias term
+    dropped): ``R_in_i = x_i (R_i - s_i sum_j R_j)`` over the softmax axis, x the logits and s
+    the output.
+
+    Decision (masked logits): an entry whose probability is exactly 0 (a -inf mask, a large
+    negative mask such as ``finfo.min``, or a logit whose exp underflows) gets 0, never
+    ``0 * inf`` = NaN or ``x * R`` with a huge x: it takes no part in the output, so it is given
+    no relevance, and its R_j (0 in a network, where A V's rule gives A_ij = 0 nothing) is left
+    out of the sum: masking a logit is the same as removing it. Fully masked rows (all
+    probabilities 0) give 0 everywhere."""
+    live = (s != 0) & jnp.isfinite(x)
+    tot = jnp.sum(jnp.where(live, R, 0), axis=axis, keepdims=True)
+    return jnp.where(live, jnp.where(live, x, 0) * (R - s * tot), 0)
+
+
+def _attnlrp_softmax(ctx, R, self, dim, *args, **kwargs):
+    """AttnLRP softmax rule (:func:`attnlrp_softmax`) for ``softmax.int``/``_softmax``."""
+    s = ctx.out
+    x = self.astype(s.dtype)
+    axis = dim % x.ndim if x.ndim else 0
+    return (attnlrp_softmax(x, s, R.astype(s.dtype), axis).astype(self.dtype),) + \
+        (None,) * (1 + len(args))
+
+
+register("aten.softmax.int", "aten._softmax.default", default=_attnlrp_softmax, method=ATTNLRP,
+         section="AttnLRP Prop. 3.1")
+
+
+def _attnlrp_add(ctx, R, *args, **kwargs):
+    """AttnLRP on a sum: the LRP base z-rule (epsilon rule of the add, ``stabilizer``): operand m
+    gets ``R v_m / stab(sum_n v_n)``, a constant addend keeps its share (absorbed).
+
+    Decision (written-out attention masks): where the sum is not finite (an additive -inf mask
+    on the scores) nothing passes and nothing is kept (0, where the z-rule would give
+    ``0 * inf`` = NaN); the softmax rule gives those logits 0 anyway. Elsewhere it is exactly the
+    z-rule of ``method="lrp"``."""
+    out = ctx.out
+    fin = jnp.isfinite(out)
+    g = jnp.where(fin, lrp_divide(R, jnp.where(fin, out, 1), ctx.params.get("stabilizer", 1e-6)),
+                  0)
+    result, kept = [None] * len(args), None
+    for p, v in _add_terms(ctx.op, args, kwargs):
+        v = jnp.broadcast_to(jnp.asarray(v, out.dtype), out.shape)
+        share = g * jnp.where(fin, v, 0)
+        if ctx.carrying(p):
+            result[p] = unbroadcast(share, jnp.shape(args[p]))
+        else:
+            kept = jnp.sum(share) if kept is None else kept + jnp.sum(share)
+    return RuleResult(tuple(result), kept)
+
+
+register("aten.add.Tensor", "aten.add.Scalar", "aten.sub.Tensor", "aten.sub.Scalar",
+         "aten.rsub.Scalar", "aten.rsub.Tensor", default=_attnlrp_add, method=ATTNLRP,
+         section="LRP z-rule (AttnLRP: -inf masks)")
