@@ -42,7 +42,7 @@ def test_ops_table_covers_every_registered_op():
     seen = []
     for row in body:
         cells = [c.strip() for c in row.strip("|").split(" | ")]
-        assert len(cells) == 5
+        assert len(cells) == 7
         ops = re.findall(r"`([^`]+)`", cells[0])
         assert ops and all(op in RULES for op in ops)
         seen += ops
@@ -51,6 +51,17 @@ def test_ops_table_covers_every_registered_op():
         assert cells[1] == RULES[ops[0]].family
         assert cells[3] in {"affine", "route", "activation", "other"}
         assert cells[4] in {"own rule", "per stream"}
+        # which rule the LRP family and AttnLRP run: what get_rule says for the first op
+        from dlbjax.rules import DLB, get_rule
+        for cell, method in ((cells[5], "lrp-epsilon"), (cells[6], "attnlrp")):
+            rule = get_rule(ops[0], method)
+            first = cell.split(" / ")[0]
+            if rule is None:
+                assert first == "no rule", (ops[0], method, cell)
+            elif rule.method == DLB:
+                assert first == "DLB's (shared)", (ops[0], method, cell)
+            else:
+                assert first not in ("no rule", "DLB's (shared)"), (ops[0], method, cell)
     assert sorted(seen) == sorted(RULES)  # every op of the default method, each exactly once
 
 
