@@ -138,25 +138,24 @@ register("aten.mm.default", "aten.bmm.default", "aten.matmul.default", default=_
 
 
 # ---- convolutions -----------------------------------------------------------------------------
-def _convolution(ctx, R, input, weight, bias, stride, padding, dilation, transposed, output_padding,
-                 groups):
-    if transposed:
-        def lin(x, w):
-            return conv_transpose_nd(x, w, stride, padding, output_padding, groups, dilation)
-    else:
-        def lin(x, w):
-            return conv_nd(x, w, stride, padding, dilation, groups)
-    return _run(ctx, R, 9, 0, lin, input, weight, _channel_bias(bias, weight, ctx.out), wpos=1)
+def _dlb_rule(parts):
+    """The DLB rule of an affine op from its (lin, x, W, b) parts, W at argument 1."""
+    def rule(ctx, R, *args, **kwargs):
+        nargs, pos, lin, x, w, b = parts(ctx, *args, **kwargs)
+        return _run(ctx, R, nargs, pos, lin, x, w, b, wpos=1)
+    return rule
+
+
+def _convolution(ctx, R, *args, **kwargs):
+    return _dlb_rule(_convolution_parts)(ctx, R, *args, **kwargs)
 
 
 register("aten.convolution.default", default=_convolution, contrastive=_convolution, affine=True,
          check=_only_first, section="§2.6, §4.1, §8.3")
 
 
-def _conv(ctx, R, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    def lin(x, w):
-        return conv_nd(x, w, stride, padding, dilation, groups)
-    return _run(ctx, R, 7, 0, lin, input, weight, _channel_bias(bias, weight, ctx.out), wpos=1)
+def _conv(ctx, R, *args, **kwargs):
+    return _dlb_rule(_conv_parts)(ctx, R, *args, **kwargs)
 
 
 register("aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default",
@@ -165,11 +164,8 @@ register("aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default",
          section="§2.6, §4.1, §8.3")
 
 
-def _conv_transpose(ctx, R, input, weight, bias=None, stride=1, padding=0, output_padding=0,
-                    groups=1, dilation=1):
-    def lin(x, w):
-        return conv_transpose_nd(x, w, stride, padding, output_padding, groups, dilation)
-    return _run(ctx, R, 8, 0, lin, input, weight, _channel_bias(bias, weight, ctx.out), wpos=1)
+def _conv_transpose(ctx, R, *args, **kwargs):
+    return _dlb_rule(_conv_transpose_parts)(ctx, R, *args, **kwargs)
 
 
 register("aten.conv_transpose1d.default", "aten.conv_transpose2d.input",

@@ -1,8 +1,9 @@
 """Element-wise rules: add/sub (spec §4.4), products with constants and between activations
 (§4.7, §4.8, §9.5) and activations, softmax and negation (identity plus their gating entry, §2.2,
 §8.1, §9.6). Norms and dropout are in ``norm.py``, fused modules in ``fused.py``.
-``attnlrp`` (bottom): the softmax rule (AttnLRP Prop. 3.1) and the z-rule of sums made safe for
--inf masks; its activations (identity) and gated products (R/2 each) are the shared rules above.
+The LRP family's z-rule of sums (safe for -inf masks) follows the DLB add rule; ``attnlrp``
+(bottom) adds the softmax rule (AttnLRP Prop. 3.1); its sums use the LRP z-rule, its activations
+(identity) and gated products (R/2 each) the shared rules above.
 """
 
 from __future__ import annotations
@@ -66,15 +67,21 @@ register("aten.add.Tensor", "aten.add.Scalar", "aten.sub.Tensor", "aten.sub.Scal
 
 
 def _lrp_add(ctx, R, *args, **kwargs):
-    """LRP family (rules/_lrp.py): the z-rule of a sum (Zennit's ``Norm`` on ``Sum``): operand m
-    gets R v_m / stab(sum_n v_n) of its signed contribution v_m; a constant addend keeps its share
-    (reported as absorbed). ``stabilizer`` from the method's parameters (1e-6)."""
+    """LRP family (rules/_lrp.py; AttnLRP inherits it): the z-rule of a sum (Zennit's ``Norm`` on
+    ``Sum``): operand m gets ``R v_m / stab(sum_n v_n)`` of its signed contribution v_m; a
+    constant addend keeps its share (reported as absorbed). ``stabilizer`` from the method's
+    parameters (1e-6).
+
+    Decision (written-out attention masks): where the sum is not finite (an additive -inf mask
+    on the scores) nothing passes and nothing is kept (0, where the z-rule would give
+    ``0 * inf`` = NaN); the softmax rule gives those logits 0 anyway."""
     out = ctx.out
-    terms = _add_terms(ctx.op, args, kwargs)
-    g = lrp_divide(R, out, ctx.params.get("stabilizer", 1e-6))
+    fin = jnp.isfinite(out)
+    g = jnp.where(fin, lrp_divide(R, jnp.where(fin, out, 1), ctx.params.get("stabilizer", 1e-6)),
+                  0)
     result, kept = [None] * len(args), None
-    for p, v in terms:
-        share = g * jnp.broadcast_to(jnp.asarray(v, out.dtype), out.shape)
+    for p, v in _add_terms(ctx.op, args, kwargs):
+        share = g * jnp.where(fin, jnp.broadcast_to(jnp.asarray(v, out.dtype), out.shape), 0)
         if ctx.carrying(p):
             result[p] = unbroadcast(share, jnp.shape(args[p]))
         else:
@@ -272,30 +279,3 @@ def _attnlrp_softmax(ctx, R, self, dim, *args, **kwargs):
 register("aten.softmax.int", "aten._softmax.default", default=_attnlrp_softmax, method=ATTNLRP,
          section="AttnLRP Prop. 3.1")
 
-
-def _attnlrp_add(ctx, R, *args, **kwargs):
-    """AttnLRP on a sum: the LRP base z-rule (epsilon rule of the add, ``stabilizer``): operand m
-    gets ``R v_m / stab(sum_n v_n)``, a constant addend keeps its share (absorbed).
-
-    Decision (written-out attention masks): where the sum is not finite (an additive -inf mask
-    on the scores) nothing passes and nothing is kept (0, where the z-rule would give
-    ``0 * inf`` = NaN); the softmax rule gives those logits 0 anyway. Elsewhere it is exactly the
-    z-rule of ``method="lrp"``."""
-    out = ctx.out
-    fin = jnp.isfinite(out)
-    g = jnp.where(fin, lrp_divide(R, jnp.where(fin, out, 1), ctx.params.get("stabilizer", 1e-6)),
-                  0)
-    result, kept = [None] * len(args), None
-    for p, v in _add_terms(ctx.op, args, kwargs):
-        v = jnp.broadcast_to(jnp.asarray(v, out.dtype), out.shape)
-        share = g * jnp.where(fin, v, 0)
-        if ctx.carrying(p):
-            result[p] = unbroadcast(share, jnp.shape(args[p]))
-        else:
-            kept = jnp.sum(share) if kept is None else kept + jnp.sum(share)
-    return RuleResult(tuple(result), kept)
-
-
-register("aten.add.Tensor", "aten.add.Scalar", "aten.sub.Tensor", "aten.sub.Scalar",
-         "aten.rsub.Scalar", "aten.rsub.Tensor", default=_attnlrp_add, method=ATTNLRP,
-         section="LRP z-rule (AttnLRP: -inf masks)")
