@@ -16,7 +16,7 @@ from . import _dataset
 from ._assemble import explain_rows
 from ._buckets import Bucketing
 from ._config import Config
-from ._plan import Plan, prepare
+from ._plan import Plan, prepare, prepare_jax
 from ._result import Explanation
 from ._runner import Runner
 
@@ -36,7 +36,9 @@ class Explainer:
     Arguments:
 
     - ``model``: a ``torch.nn.Module`` (never modified; one in training mode is exported from an
-      eval-mode copy).
+      eval-mode copy), or a pure JAX function ``fn(params, *inputs)`` (``fn(params, **inputs)``
+      for a dict) with its parameter pytree as ``params=`` (traced with ``jax.make_jaxpr``,
+      ``dlbjax.importers.import_jax``; inputs are JAX or NumPy arrays).
     - ``example_inputs``: a tensor, a tuple of positional tensors or a dict of keyword tensors (a
       tokenizer's BatchEncoding works), with rows along axis 0 (``batch_axis=0``).
     - ``mode``: ``"default"`` or ``"contrastive"`` (``"contrast"``).
@@ -78,7 +80,7 @@ class Explainer:
     read-only views below.
     """
 
-    def __init__(self, model: torch.nn.Module, example_inputs: Any, *, mode: str = "default",
+    def __init__(self, model: Any, example_inputs: Any, *, params: Any = None, mode: str = "default",
                  multiplier: float = 100.0, task: str = "auto", layers: bool = False,
                  output: Any = 0, batch_axis: Optional[int] = 0, experimental_gating: bool = False,
                  product_rule: str = "half", attention_value_fraction: float = 0.5,
@@ -105,6 +107,18 @@ class Explainer:
             beta=beta, stabilizer=stabilizer, low=low, high=high, canonize=canonize)
         self._bucketing: Optional[Bucketing] = None
         self.runner: Optional[Runner] = None
+        if not isinstance(model, torch.nn.Module):  # a JAX function fn(params, *inputs)
+            if params is None:
+                raise TypeError(f"expected a torch.nn.Module, or a function fn(params, *inputs) "
+                                f"with params=..., got {type(model).__name__}")
+            if self.config.buckets is not None:
+                raise ValueError("length buckets are available for torch models only")
+            self.plan = prepare_jax(model, params, example_inputs, self.config)
+            self.runner = Runner(self.plan)
+            return
+        if params is not None:
+            raise TypeError("params= is for a JAX function fn(params, *inputs); a torch module "
+                            "holds its own parameters")
         if self.config.buckets is not None:
             inner = self.config.replace(buckets=None).as_dict()
             self._bucketing = Bucketing(model, example_inputs, self.config.buckets,
@@ -212,7 +226,8 @@ class Explainer:
                                         **options)
 
 
-def explain(model: torch.nn.Module, inputs: Any, *, target: Any = None, mode: str = "default",
+def explain(model: Any, inputs: Any, *, params: Any = None, target: Any = None,
+            mode: str = "default",
             multiplier: float = 100.0, task: str = "auto", layers: bool = False,
             method: str = "dlb", **options) -> Explanation:
     """Explain ``model`` on ``inputs`` with DLBacktrace relevance (``method="dlb"``, the
@@ -224,6 +239,6 @@ def explain(model: torch.nn.Module, inputs: Any, *, target: Any = None, mode: st
     per row, or None for the argmax). Other options as for :class:`Explainer`. The model is not
     modified.
     """
-    explainer = Explainer(model, inputs, mode=mode, multiplier=multiplier, task=task, layers=layers,
-                          method=method, **options)
+    explainer = Explainer(model, inputs, params=params, mode=mode, multiplier=multiplier, task=task,
+                          layers=layers, method=method, **options)
     return explainer(inputs, target=target)

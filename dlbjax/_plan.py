@@ -31,7 +31,8 @@ from .engine.gradient import check_gradient_method, gradient_row
 from .engine.origins import constant_slots
 from .engine.interpret import constants_to_jax, missing_lowerings
 from .engine.relevance import relevance_row
-from .importers import BoundInputs, bind_inputs, import_bound, static_experts_copy, tensor_to_numpy
+from .importers import (BoundInputs, bind_inputs, bind_jax_inputs, import_bound, import_jax,
+                        static_experts_copy, tensor_to_numpy)
 from .ir import Program
 from .composites import resolve
 from .passes.canonize import fold_batch_norm
@@ -41,7 +42,7 @@ from .passes.moe import find_moe_layers
 from .passes.precision import resolve_compute_dtype
 from .rules import Options
 
-__all__ = ["Plan", "prepare"]
+__all__ = ["Plan", "prepare", "prepare_jax"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -125,7 +126,7 @@ class Plan:
         """Validate the caller's inputs against the example's rows; returns (one host array per
         input in the layout ``[rows, *row_shape]``, the number of rows). ``dataset``: with
         ``batch_axis=None``, a stack of examples along a new axis 0."""
-        if isinstance(inputs, (torch.Tensor, np.ndarray)):
+        if isinstance(inputs, (torch.Tensor, np.ndarray, jax.Array)):
             given = {self.input_names[0]: inputs} if len(self.input_names) == 1 else None
             if given is None:
                 raise InputMismatchError(
@@ -133,9 +134,9 @@ class Plan:
                     "pass a tuple or a dict")
         elif isinstance(inputs, dict) or hasattr(inputs, "keys"):
             given = {str(k): v for k, v in dict(inputs).items()
-                     if isinstance(v, (torch.Tensor, np.ndarray))}
+                     if isinstance(v, (torch.Tensor, np.ndarray, jax.Array))}
         elif isinstance(inputs, (tuple, list)):
-            tensors = [v for v in inputs if isinstance(v, (torch.Tensor, np.ndarray))]
+            tensors = [v for v in inputs if isinstance(v, (torch.Tensor, np.ndarray, jax.Array))]
             if len(tensors) != len(self.input_names):
                 raise InputMismatchError(
                     f"expected {len(self.input_names)} tensor inputs {list(self.input_names)}, got "
@@ -207,6 +208,33 @@ def prepare(model: torch.nn.Module, example_inputs: Any, config: Config) -> Plan
     program, compute_dtype = resolve_compute_dtype(program, config.compute_dtype)
     return _derive(config, program, tuple(bound.names), row_specs, compute_dtype,
                    type(model).__name__, None)
+
+
+def prepare_jax(fn, params: Any, example_inputs: Any, config: Config) -> Plan:
+    """The JAX counterpart of :func:`prepare` for a pure function ``fn(params, *inputs)``
+    (``fn(params, **inputs)`` for a dict of inputs): traced with ``jax.make_jaxpr`` on the
+    example's first row (``batch_axis=0``), as the torch path exports one row."""
+    if not callable(fn):
+        raise TypeError(f"expected a torch.nn.Module or a function fn(params, *inputs), got "
+                        f"{type(fn).__name__}")
+    names, arrays, as_kwargs = bind_jax_inputs(example_inputs)
+    if config.batch_axis == 0:
+        sizes = {a.shape[0] if a.ndim > 0 else None for a in arrays}
+        if None in sizes:
+            raise InputMismatchError("with batch_axis=0 every input needs a leading batch axis; "
+                                     "pass batch_axis=None to explain a single unbatched example")
+        if len(sizes) != 1:
+            raise InputMismatchError(f"inputs have different leading (batch) sizes {sorted(sizes)}")
+        if sizes.pop() == 0:
+            raise InputMismatchError("the inputs are an empty batch (0 rows)")
+        arrays = [a[:1] for a in arrays]
+    example = dict(zip(names, arrays)) if as_kwargs else \
+        (arrays[0] if names == ["x"] else tuple(arrays))
+    program = fuse_modules(import_jax(fn, params, example))
+    row_specs = tuple((v.name, tuple(v.shape), v.dtype) for v in program.inputs)
+    program, compute_dtype = resolve_compute_dtype(program, config.compute_dtype)
+    return _derive(config, program, tuple(names), row_specs, compute_dtype,
+                   getattr(fn, "__name__", type(fn).__name__), None)
 
 
 # options that change the imported program itself; Plan.replace refuses them

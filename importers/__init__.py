@@ -17,11 +17,12 @@ from ._substitute import (Substitution, register_substitution, substituted_copy,
                           unregister_substitution)
 from ._export import KEEP_WHOLE, decomposition_table, eval_copy, export_model, static_experts_copy
 from ._translate import tensor_to_numpy, torch_dtype_name, translate
+from ._jax import bind_jax_inputs, import_jax
 from . import _mamba  # noqa: F401  (registers dlbjax::selective_scan and the Mamba mixers' substitution)
 
 __all__ = ["import_model", "import_bound", "bind_inputs", "BoundInputs", "export_model", "translate",
            "decomposition_table", "KEEP_WHOLE", "eval_copy", "tensor_to_numpy", "torch_dtype_name",
-           "static_experts_copy", "register_substitution", "unregister_substitution",
+           "static_experts_copy", "import_jax", "bind_jax_inputs", "register_substitution", "unregister_substitution",
            "substitutions", "substituted_copy", "Substitution"]
 
 
