@@ -48,6 +48,10 @@ _BINARY = {"add": "aten.add.Tensor", "sub": "aten.sub.Tensor", "mul": "aten.mul.
 _INLINE = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
            "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",
            "custom_vjp_call_jaxpr": "fun_jaxpr", "remat": "jaxpr", "checkpoint": "jaxpr"}
+# jitted / custom_jvp activations of jax.nn recognised by name as their layer-level ATen op
+# (one array in, one out, same shape)
+_NAMED = {"relu": "aten.relu.default", "silu": "aten.silu.default", "swish": "aten.silu.default",
+          "sigmoid": "aten.sigmoid.default", "relu6": "aten.relu6.default"}
 _HINT = ("dlbjax has no mapping of this JAX primitive onto its IR; rewrite that code with "
          "supported operations (dense, conv, pooling, element-wise arithmetic and activations, "
          "reductions, reshapes/transposes/broadcasts), or explain the torch version of the model")
@@ -189,6 +193,11 @@ class _Translator:
             closed = params.get(_INLINE[prim])
             if closed is None:
                 return self.unsupported(e, where, f"'{prim}' without an inner jaxpr")
+            named = _NAMED.get(str(params.get("name")))
+            if named and len(ins) == 1 and isinstance(ins[0], Var) and len(e.outvars) == 1 \
+                    and tuple(e.outvars[0].aval.shape) == tuple(ins[0].shape):
+                out = e.outvars[0].aval
+                return [self.emit(named, (ins[0],), {}, out.shape, out.dtype, where)]
             inner_stack = where  # the inner equations' name stacks are relative to it
             jaxpr = getattr(closed, "jaxpr", closed)
             consts = getattr(closed, "consts", ())

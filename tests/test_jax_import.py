@@ -181,3 +181,33 @@ def test_params_is_for_functions_only(mlp_case):
         dlbjax.Explainer(tmodel, torch.from_numpy(x), params=params)
     with pytest.raises(TypeError):
         dlbjax.Explainer(mlp, x)
+
+
+def test_inputs_named_and_activations_recognised():
+    rng = np.random.default_rng(5)
+    params = {"w": rng.normal(size=(4, 3)).astype(np.float32)}
+
+    def two(params, a, b):
+        return jax.nn.silu(a @ params["w"]) + jax.nn.sigmoid(b) * 2.0
+
+    a, b = rng.normal(size=(2, 4)).astype(np.float32), rng.normal(size=(2, 3)).astype(np.float32)
+    program = import_jax(two, params, (a[:1], b[:1]))
+    assert program.input_names() == ("input0", "input1")
+    ops = [e.op for e in program.eqns]
+    assert "aten.silu.default" in ops and "aten.sigmoid.default" in ops
+    assert [v.name for v in program.constants] == ["w"]
+
+    def kw(params, left, right):
+        return two(params, left, right)
+
+    program = import_jax(kw, params, {"left": a[:1], "right": b[:1]})
+    assert program.input_names() == ("left", "right")
+    ex = dlbjax.Explainer(kw, {"left": a, "right": b}, params=params, task="regression")
+    _close(ex({"left": a, "right": b}).prediction, two(params, a, b))
+
+
+def test_a_jitted_function_is_inlined(mlp_case):
+    params, x, _ = mlp_case
+    plain = dlbjax.explain(mlp, x, params=params)
+    jitted = dlbjax.explain(jax.jit(mlp), x, params=params)
+    _close(jitted.relevance["x"], plain.relevance["x"])
