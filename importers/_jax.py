@@ -237,7 +237,7 @@ class _Translator:
                         and isinstance(x, Var) and tuple(x.shape) == tuple(out.shape):
                     return [self.emit("aten.relu.default", (x,), {}, out.shape, out.dtype, where)]
         if prim == "add" and self.pending is not None:
-            folded = self.fold_bias(a, b, out)
+            folded = self.fold_bias(e, a, b, out)
             if folded is not None:
                 return [folded]
         args = []
@@ -260,10 +260,13 @@ class _Translator:
 
     p_add = p_sub = p_mul = p_div = p_max = p_min = _binary
 
-    def fold_bias(self, a, b, out):
+    def fold_bias(self, e, a, b, out):
         """``affine(x) + b`` with b constant along the affine output's channel axis: the bias
-        becomes the affine equation's own bias (as torch's Linear/Conv keep it)."""
-        kind, idx, result, axis, extra = self.pending
+        becomes the affine equation's own bias (as torch's Linear/Conv keep it), when the add is
+        the affine output's only use (in the same jaxpr)."""
+        kind, idx, result, axis, (jvar, counts) = self.pending
+        if jvar not in e.invars or counts.get(jvar, 0) != 1:
+            return None
         if isinstance(a, _Folded):
             a, b = b, a
         if a is not result or not isinstance(b, _Folded) or tuple(out.shape) != tuple(result.shape):
@@ -354,7 +357,7 @@ class _Translator:
             w = b.value if rc[0] == 1 else b.value.T  # [out, in], torch's Linear layout
             weight = self.constant(_Folded(np.ascontiguousarray(w), b.origin))
             y = self.emit("aten.linear.default", (a, weight, None), {}, out.shape, out.dtype, where)
-            self.pending = ("linear", len(self.eqns) - 1, y, -1, None)
+            self.pending = ("linear", len(self.eqns) - 1, y, -1, (e.outvars[0], counts))
             return [y]
         a, b = self.as_var(a), self.as_var(b)
         if len(lc) == 1 and len(rc) == 1:
@@ -396,7 +399,7 @@ class _Translator:
         for i, d in enumerate(out_spec):
             inverse[d] = i
         res = self.permute(y, inverse, where)
-        self.pending = ("conv", conv_idx, res, out_spec[1], None)
+        self.pending = ("conv", conv_idx, res, out_spec[1], (e.outvars[0], counts))
         return [res]
 
     def _pool(self, e, ins, params, out, where, counts):

@@ -211,3 +211,22 @@ def test_a_jitted_function_is_inlined(mlp_case):
     plain = dlbjax.explain(mlp, x, params=params)
     jitted = dlbjax.explain(jax.jit(mlp), x, params=params)
     _close(jitted.relevance["x"], plain.relevance["x"])
+
+
+def test_bias_is_folded_only_into_a_single_use():
+    rng = np.random.default_rng(6)
+    params = {"w": rng.normal(size=(4, 4)).astype(np.float32),
+              "b": rng.normal(size=4).astype(np.float32)}
+
+    def residual(params, x):
+        y = x @ params["w"]
+        return (y + params["b"]) + y  # y is read twice: the bias must not enter the linear
+
+    x = rng.normal(size=(3, 4)).astype(np.float32)
+    program = import_jax(residual, params, x[:1])
+    (lin,) = [e for e in program.eqns if e.op == "aten.linear.default"]
+    assert lin.args[2] is None
+    ex = dlbjax.Explainer(residual, x, params=params, task="regression")
+    _close(ex(x).prediction, residual(params, x))
+    program = import_jax(mlp, _mlp_params(), x[:1, :1].repeat(10, 1))
+    assert all(e.args[2] is not None for e in program.eqns if e.op == "aten.linear.default")
