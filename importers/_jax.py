@@ -455,7 +455,7 @@ def import_jax(fn, params: Any, example_inputs: Any) -> Program:
         return fn(p, *xs)
 
     leaves = [np.asarray(v) for _, v in leaves_with_path]
-    closed = jax.make_jaxpr(flat_fn)(leaves, *arrays)
+    closed, out_shapes = jax.make_jaxpr(flat_fn, return_shape=True)(leaves, *arrays)
     t = _Translator()
     param_vals = []
     for (path, _), value in zip(leaves_with_path, leaves):
@@ -473,7 +473,10 @@ def import_jax(fn, params: Any, example_inputs: Any) -> Program:
         if isinstance(o, _Folded):
             raise ExportError("an output of the function does not depend on its inputs")
         out_vars.append(o)
-    out_names = ("output",) if len(out_vars) == 1 else tuple(str(i) for i in range(len(out_vars)))
+    out_names = tuple(keystr_name(p) or "output"
+                      for p, _ in jax.tree_util.tree_flatten_with_path(out_shapes)[0])
+    if len(out_names) != len(out_vars) or len(set(out_names)) != len(out_names):
+        out_names = ("output",) if len(out_vars) == 1 else tuple(map(str, range(len(out_vars))))
     program = Program(tuple(inputs), tuple(t.constants), tuple(t.eqns), tuple(out_vars),
                       out_names, t.const_values, t.const_kinds)
     return program.validate()

@@ -230,3 +230,20 @@ def test_bias_is_folded_only_into_a_single_use():
     _close(ex(x).prediction, residual(params, x))
     program = import_jax(mlp, _mlp_params(), x[:1, :1].repeat(10, 1))
     assert all(e.args[2] is not None for e in program.eqns if e.op == "aten.linear.default")
+
+
+def test_output_names_and_name_stacks(mlp_case):
+    params, x, _ = mlp_case
+
+    def two_heads(params, x):
+        with jax.named_scope("body"):
+            h = mlp(params, x)
+        with jax.named_scope("head"):
+            return {"logits": h, "probs": jax.nn.sigmoid(h)}
+
+    program = import_jax(two_heads, params, x[:1])
+    assert program.output_names == ("logits", "probs")
+    paths = {e.source.module_path for e in program.eqns}
+    assert {"body", "head"} <= paths
+    ex = dlbjax.Explainer(two_heads, x, params=params, output="logits")
+    _close(ex(x).prediction, mlp(params, x))
