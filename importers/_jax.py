@@ -103,6 +103,39 @@ def _is_drop(v) -> bool:
     return type(v).__name__ == "DropVar"
 
 
+_SOFTMAX = ("reduce_max", "max", "broadcast_in_dim", "stop_gradient", "sub", "exp", "reduce_sum",
+            "broadcast_in_dim", "div")
+
+
+def _match_softmax(eqns, i, counts):
+    """``jax.nn.softmax`` as written out in a jaxpr (max-subtracted exp over its sum, one axis):
+    ``(input jaxpr var, axis, index of the last equation)`` or None. Every intermediate value
+    must be read only inside the pattern."""
+    names = [e.primitive.name for e in eqns[i:i + len(_SOFTMAX)]]
+    full = list(_SOFTMAX)
+    if names[:2] == ["reduce_max", "broadcast_in_dim"]:  # no max(-inf, .) guard
+        full.remove("max")
+    if names[:len(full)] != full:
+        return None
+    seq = eqns[i:i + len(full)]
+    rmax, rsum, div = seq[0], seq[-3], seq[-1]
+    axes = tuple(rmax.params["axes"])
+    if len(axes) != 1 or tuple(rsum.params["axes"]) != axes:
+        return None
+    x = rmax.invars[0]
+    sub, exp = seq[-5], seq[-4]
+    if sub.invars[0] is not x or exp.invars[0] is not sub.outvars[0] \
+            or rsum.invars[0] is not exp.outvars[0] or div.invars[0] is not exp.outvars[0] \
+            or div.invars[1] is not seq[-2].outvars[0] or sub.invars[1] is not seq[-6].outvars[0]:
+        return None
+    expected = {exp.outvars[0]: 2}
+    for e in seq[:-1]:
+        v = e.outvars[0]
+        if counts.get(v, 0) != expected.get(v, 1):
+            return None
+    return x, int(axes[0]), i + len(full) - 1
+
+
 class _Translator:
     def __init__(self):
         self.inputs: list[Var] = []
@@ -176,10 +209,22 @@ class _Translator:
         for v in jaxpr.outvars:
             if not _is_literal(v):
                 counts[v] = counts.get(v, 0) + 1
-        for e in jaxpr.eqns:
-            ins = [read(v) for v in e.invars]
+        eqns, i = list(jaxpr.eqns), 0
+        while i < len(eqns):
+            e = eqns[i]
             inner = str(e.source_info.name_stack)
             where = "/".join(s for s in (stack, inner) if s)
+            soft = _match_softmax(eqns, i, counts)
+            if soft is not None and isinstance(env.get(soft[0]), Var):
+                x_var, axis, end = soft
+                x = env[x_var]
+                last = eqns[end]
+                env[last.outvars[0]] = self.emit("aten.softmax.int", (x, axis), {}, x.shape,
+                                                 x.dtype, where)
+                i = end + 1
+                continue
+            i += 1
+            ins = [read(v) for v in e.invars]
             outs = self.equation(e, ins, where, counts)
             for v, o in zip(e.outvars, outs):
                 if not _is_drop(v):

@@ -247,3 +247,18 @@ def test_output_names_and_name_stacks(mlp_case):
     assert {"body", "head"} <= paths
     ex = dlbjax.Explainer(two_heads, x, params=params, output="logits")
     _close(ex(x).prediction, mlp(params, x))
+
+
+def test_softmax_is_recognised_and_equals_torch(mlp_case):
+    params, x, tmodel = mlp_case
+
+    def probs(params, x):
+        return jax.nn.softmax(mlp(params, x), axis=-1)
+
+    program = import_jax(probs, params, x[:1])
+    assert program.eqns[-1].op == "aten.softmax.int"
+    assert "aten.exp.default" not in [e.op for e in program.eqns]
+    ej = dlbjax.explain(probs, x, params=params)
+    et = dlbjax.explain(nn.Sequential(*tmodel, nn.Softmax(dim=-1)).eval(), torch.from_numpy(x))
+    _close(ej.prediction, probs(params, x))
+    _close(ej.relevance["x"], et.relevance["input"])
