@@ -136,6 +136,64 @@ def _match_softmax(eqns, i, counts):
     return x, int(axes[0]), i + len(full) - 1
 
 
+# jax.nn.gelu written out in a jaxpr: (primitive[:integer_pow exponent], operands) with "x" the
+# input, an int the output of that step, a float a literal of that value (either order for add/mul)
+_GELU_TANH = [("integer_pow:3", ["x"]), ("mul", [0.044715, 0]), ("add", ["x", 1]),
+              ("mul", [0.7978845608, 2]), ("tanh", [3]), ("add", [1.0, 4]), ("mul", [0.5, 5]),
+              ("mul", ["x", 6])]
+_GELU_ERF = [("mul", [0.5, "x"]), ("neg", ["x"]), ("mul", [1, 0.7071067812]), ("erfc", [2]),
+             ("mul", [0, 3])]
+_PATTERNS = ((_GELU_TANH, "aten.gelu.default", {"approximate": "tanh"}),
+             (_GELU_ERF + [("copy", [4])], "aten.gelu.default", {"approximate": "none"}),
+             (_GELU_ERF, "aten.gelu.default", {"approximate": "none"}))
+
+
+def _match(eqns, i, counts, pattern):
+    """``(input jaxpr var, index of the last equation)`` when ``eqns[i:]`` starts with
+    ``pattern`` and its intermediate values are read only inside it, else None."""
+    steps = eqns[i:i + len(pattern)]
+    if len(steps) < len(pattern):
+        return None
+    bound: dict = {}
+
+    def check(v, spec, outs):
+        if spec == "x":
+            if _is_literal(v):
+                return False
+            bound.setdefault("x", v)
+            return bound["x"] is v
+        if isinstance(spec, float):
+            return _is_literal(v) and np.size(v.val) == 1 and \
+                abs(float(v.val) - spec) <= 1e-6 * max(1.0, abs(spec))
+        return v is outs[spec]
+
+    outs = []
+    for e, (prim, operands) in zip(steps, pattern):
+        name, _, exponent = prim.partition(":")
+        if e.primitive.name != name or len(e.invars) != len(operands) or len(e.outvars) != 1:
+            return None
+        if exponent and e.params.get("y") != int(exponent):
+            return None
+        orders = [list(e.invars)] + ([list(e.invars)[::-1]] if name in ("add", "mul") else [])
+        for order in orders:
+            saved = dict(bound)
+            if all(check(v, spec, outs) for v, spec in zip(order, operands)):
+                break
+            bound.clear()
+            bound.update(saved)
+        else:
+            return None
+        outs.append(e.outvars[0])
+    inside: dict = {}
+    for e in steps:
+        for v in e.invars:
+            if not _is_literal(v):
+                inside[v] = inside.get(v, 0) + 1
+    if any(counts.get(v, 0) != inside.get(v, 0) for v in outs[:-1]):
+        return None
+    return bound["x"], i + len(pattern) - 1
+
+
 class _Translator:
     def __init__(self):
         self.inputs: list[Var] = []
@@ -221,6 +279,18 @@ class _Translator:
                 last = eqns[end]
                 env[last.outvars[0]] = self.emit("aten.softmax.int", (x, axis), {}, x.shape,
                                                  x.dtype, where)
+                i = end + 1
+                continue
+            hit = None
+            for pattern, op, kwargs in _PATTERNS:
+                m = _match(eqns, i, counts, pattern)
+                if m is not None and isinstance(env.get(m[0]), Var):
+                    hit = m, op, kwargs
+                    break
+            if hit is not None:
+                (x_var, end), op, kwargs = hit
+                x = env[x_var]
+                env[eqns[end].outvars[0]] = self.emit(op, (x,), kwargs, x.shape, x.dtype, where)
                 i = end + 1
                 continue
             i += 1

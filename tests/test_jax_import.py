@@ -262,3 +262,26 @@ def test_softmax_is_recognised_and_equals_torch(mlp_case):
     et = dlbjax.explain(nn.Sequential(*tmodel, nn.Softmax(dim=-1)).eval(), torch.from_numpy(x))
     _close(ej.prediction, probs(params, x))
     _close(ej.relevance["x"], et.relevance["input"])
+
+
+@pytest.mark.parametrize("approximate", [False, True])
+def test_gelu_is_recognised_and_equals_torch(mlp_case, approximate):
+    params, x, _ = mlp_case
+
+    def gelu_mlp(params, x):
+        layers = params["layers"]
+        for i, layer in enumerate(layers):
+            x = x @ layer["kernel"] + layer["bias"]
+            if i < len(layers) - 1:
+                x = jax.nn.gelu(x, approximate=approximate)
+        return x
+
+    program = import_jax(gelu_mlp, params, x[:1])
+    assert [e.op for e in program.eqns].count("aten.gelu.default") == 2
+    tmodel = _torch_mlp(params)
+    for i in (1, 3):
+        tmodel[i] = nn.GELU(approximate="tanh" if approximate else "none")
+    ej = dlbjax.explain(gelu_mlp, x, params=params)
+    et = dlbjax.explain(tmodel, torch.from_numpy(x))
+    _close(ej.prediction, gelu_mlp(params, x))
+    _close(ej.relevance["x"], et.relevance["input"])
