@@ -13,6 +13,9 @@ the existing lowerings and relevance rules apply unchanged:
   (times the window size) between permutes;
 - element-wise arithmetic, ``max(x, 0)`` -> ``aten.relu.default``, unary functions, reductions,
   reshapes, transposes, broadcasts and casts as ATen index maps;
+- layer-level activations: ``jax.nn.relu``/``silu``/``sigmoid``/``relu6`` by their jit or
+  custom_jvp name, ``jax.nn.softmax`` and ``jax.nn.gelu`` (both forms) by their written-out
+  equations -> ``aten.softmax.int`` / ``aten.gelu.default``;
 - ``pjit`` / ``closed_call`` / ``custom_jvp_call`` / ``custom_vjp_call`` are inlined.
 
 Values computed from parameters and literals only are folded on the host (eagerly, with the
@@ -204,6 +207,7 @@ class _Translator:
         self.problems: list[UnsupportedOp] = []
         self.counter = 0
         self.const_cache: dict[int, Var] = {}
+        self.relaid_cache: dict = {}  # (id(value), layout) -> (value kept alive, relaid value)
         # the last affine equation emitted, so that a following "+ bias" folds into it
         self.pending = None
 
@@ -235,6 +239,15 @@ class _Translator:
         self.const_kinds[nm] = "parameter" if folded.origin else "constant"
         self.const_cache[key] = var
         return var
+
+    def relaid(self, folded: _Folded, tag, fn) -> Var:
+        """``folded`` in the layout an IR op reads (a dense kernel [in, out] as [out, in], a conv
+        kernel as OIHW), one constant per (value, layout): a tied weight stays one constant."""
+        key = (id(folded), tag)
+        if key not in self.relaid_cache:
+            self.relaid_cache[key] = (folded, _Folded(np.ascontiguousarray(fn(folded.value)),
+                                                      folded.origin))
+        return self.constant(self.relaid_cache[key][1])
 
     def as_var(self, x) -> Var:
         return self.constant(x) if isinstance(x, _Folded) else x
@@ -469,8 +482,7 @@ class _Translator:
             return self.unsupported(e, where, "dot_general with batch dimensions")
         if isinstance(b, _Folded) and isinstance(a, Var) and len(rc) == 1 and b.value.ndim == 2 \
                 and tuple(lc) == (len(a.shape) - 1,):
-            w = b.value if rc[0] == 1 else b.value.T  # [out, in], torch's Linear layout
-            weight = self.constant(_Folded(np.ascontiguousarray(w), b.origin))
+            weight = self.relaid(b, "linear", lambda v: v if rc[0] == 1 else v.T)  # [out, in]
             y = self.emit("aten.linear.default", (a, weight, None), {}, out.shape, out.dtype, where)
             self.pending = ("linear", len(self.eqns) - 1, y, -1, (e.outvars[0], counts))
             return [y]
@@ -501,8 +513,8 @@ class _Translator:
             xin = self.emit("aten.constant_pad_nd.default", (xin, widths, 0.0), {}, shape, xin.dtype,
                             where)
             pads = [(0, 0)] * nd
-        kernel = np.ascontiguousarray(np.transpose(w.value, rhs_spec))  # OI + spatial
-        weight = self.constant(_Folded(kernel, w.origin))
+        weight = self.relaid(w, ("conv", tuple(rhs_spec)),
+                             lambda v: np.transpose(v, rhs_spec))  # OI + spatial
         nchw = [out.shape[out_spec[0]], out.shape[out_spec[1]]] + [out.shape[d] for d in out_spec[2:]]
         y = self.emit("aten.convolution.default",
                       (xin, weight, None, [int(s) for s in params["window_strides"]],

@@ -285,3 +285,17 @@ def test_gelu_is_recognised_and_equals_torch(mlp_case, approximate):
     et = dlbjax.explain(tmodel, torch.from_numpy(x))
     _close(ej.prediction, gelu_mlp(params, x))
     _close(ej.relevance["x"], et.relevance["input"])
+
+
+def test_a_tied_kernel_is_one_constant():
+    rng = np.random.default_rng(7)
+    params = {"w": rng.normal(size=(4, 4)).astype(np.float32)}
+
+    def tied(params, x):
+        return jax.nn.relu(x @ params["w"]) @ params["w"]
+
+    x = rng.normal(size=(2, 4)).astype(np.float32)
+    program = import_jax(tied, params, x[:1])
+    assert [v.name for v in program.constants] == ["w"]
+    ex = dlbjax.Explainer(tied, x, params=params)
+    _close(ex(x).prediction, tied(params, x))
