@@ -299,3 +299,12 @@ def test_a_tied_kernel_is_one_constant():
     assert [v.name for v in program.constants] == ["w"]
     ex = dlbjax.Explainer(tied, x, params=params)
     _close(ex(x).prediction, tied(params, x))
+
+
+def test_replace_and_batch_work_on_a_jax_plan(mlp_case):
+    params, x, tmodel = mlp_case
+    ex = dlbjax.Explainer(mlp, x[:1], params=params)
+    _close(ex.batch(x, batch_size=3).relevance["x"], ex(x).relevance["x"])
+    contrastive = ex.replace(mode="contrastive")
+    et = dlbjax.explain(tmodel, torch.from_numpy(x), mode="contrastive")
+    _close(contrastive(x).relevance["x"], et.relevance["input"])
