@@ -312,7 +312,8 @@ CASES = [
     Case("unknown mode", bn_net, explain(x4, mode="contrastiv"), ValueError,
          r"mode must be 'default' or 'contrastive'", r"'contrastive'", typed=False),
     Case("not a module", bn_net, lambda model: dlbjax.explain(lambda x: x, x4()), TypeError,
-         r"expected a torch\.nn\.Module, got function", r"nn\.Module", typed=False),
+         r"expected a torch\.nn\.Module, or a function fn\(params, \*inputs\) with params=\.\.\., "
+         r"got function", r"params=", typed=False),
 ]
 
 
