@@ -42,7 +42,7 @@ def path_name(path: tuple) -> str:
                 parts.append(str(getattr(k, attr)))
                 break
         else:
-            parts.append(str(k))
+            parts.append(str(k).strip(".[]'\""))
     return ".".join(parts)
 
 

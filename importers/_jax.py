@@ -36,6 +36,8 @@ import numpy as np
 from dlbjax._errors import ExportError, UnsupportedOp, UnsupportedOperationError
 from dlbjax.ir import DTYPES, Eqn, Program, Source, Var
 
+from ._bind import path_name
+
 __all__ = ["import_jax", "bind_jax_inputs", "keystr_name"]
 
 _UNARY = {
@@ -61,16 +63,9 @@ _HINT = ("dlbjax has no mapping of this JAX primitive onto its IR; rewrite that 
 
 
 def keystr_name(path) -> str:
-    """A pytree key path as a dotted name: ``['layers'][0]['kernel']`` -> ``layers.0.kernel``."""
-    parts = []
-    for k in path:
-        for attr in ("key", "idx", "name"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k).strip(".[]'\""))
-    return ".".join(parts)
+    """A pytree key path as a dotted name: ``['layers'][0]['kernel']`` -> ``layers.0.kernel``
+    (the torch path's :func:`importers._bind.path_name`)."""
+    return path_name(path)
 
 
 def bind_jax_inputs(inputs: Any) -> tuple[list[str], list[np.ndarray], bool]:

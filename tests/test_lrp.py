@@ -502,3 +502,34 @@ def test_dense_layers_with_batch_norm1d_fold_as_zennit_merges_them():
     ours = R(ex(x, target=t))
     ref = zennit_relevance(model, x, single(zr.ZPlus(), [SequentialMergeBatchNorm()]), t)
     assert rel_err(ours, ref) < RTOL
+
+
+def test_lrp0_is_gradient_times_input_for_every_affine_variant():
+    """The identity holds for any bias-free ReLU network, so it checks the LRP parts of ops the
+    Zennit models do not reach: conv1d, transposed conv, a product with a constant weight
+    (matmul), a mean reduction and an adaptive average pool."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv1d(2, 4, 3, padding=1, bias=False)
+            self.t = nn.ConvTranspose1d(4, 3, 3, stride=2, bias=False)
+            self.w = nn.Parameter(torch.randn(3, 5))
+            self.pool = nn.AdaptiveAvgPool1d(4)
+            self.head = nn.Linear(5, 3, bias=False)
+
+        def forward(self, x):
+            h = torch.relu(self.t(torch.relu(self.c(x))))          # [N, 3, 17]
+            h = torch.relu(self.pool(h).transpose(1, 2) @ self.w)  # [N, 4, 5]
+            return self.head(h.mean(1))
+
+    model = seeded(Net(), 14).eval()
+    x = torch.randn(3, 2, 8, generator=torch.Generator().manual_seed(15))
+    ex = dlbjax.Explainer(model, x, method="lrp-0")
+    ops = {q.op for q in ex.plan.program.eqns}
+    assert {"aten.conv1d.default", "aten.conv_transpose1d.default", "aten.matmul.default",
+            "aten.mean.dim", "aten.adaptive_avg_pool1d.default"} <= ops, ops
+    e = ex(x)
+    gxi = R(ex.replace(method="gradient-x-input")(x))
+    logit = e.prediction[np.arange(len(x)), e.target].reshape(-1, 1, 1)
+    expected = gxi * SEED / logit
+    np.testing.assert_allclose(R(e), expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max())
