@@ -42,8 +42,8 @@ METHOD_OPTIONS = {
     "gradient-x-input": (),
     "integrated-gradients": ("steps", "baseline", "ig_method"),
     "smoothgrad": ("samples", "noise", "seed", "multiply_by_inputs"),
-    "lrp-0": ("canonize",),
-    "lrp-epsilon": ("epsilon", "canonize"),
+    "lrp-0": ("stabilizer", "canonize"),
+    "lrp-epsilon": ("epsilon", "stabilizer", "canonize"),
     "lrp-gamma": ("gamma", "stabilizer", "canonize"),
     "lrp-alpha-beta": ("alpha", "beta", "stabilizer", "canonize"),
     "flat": ("stabilizer", "canonize"),
@@ -114,7 +114,9 @@ class Config:
       ``gamma``), ``"epsilon-alpha2-beta1"``, ``"epsilon-alpha2-beta1-flat"`` (CamelCase names
       accepted), a :class:`dlbjax.composites.Composite` (or a dict selector -> rule), and
       ``"attnlrp"`` (``epsilon``) for transformers. ``stabilizer`` (1e-6) is the denominator
-      shift of every rule but epsilon's; ``canonize`` (True) folds batch norm into the layer
+      shift of every rule but epsilon's, and of the z-rule at sums, average pools and mean
+      reductions under every LRP method (Zennit's ``Norm``); ``stabilizer=0`` makes ``"lrp-0"``
+      exactly gradient x input on bias-free ReLU networks; ``canonize`` (True) folds batch norm into the layer
       before it (``dlbjax/passes/canonize.py``).
     """
 

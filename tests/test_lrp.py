@@ -232,7 +232,9 @@ def test_resnet18_equals_zennit(name, resnet, x_resnet):
         ref_composite = preset([ResNetCanonizer()])
     ours = R(ex.replace(**opts)(x_resnet, target=t))
     ref = zennit_relevance(resnet, x_resnet, ref_composite, t)
-    assert rel_err(ours, ref) < RTOL, name
+    # float32 through 20 layers: 3e-6..3e-5 measured (CPU-dependent); exactness is asserted
+    # in float64 below (1e-9)
+    assert rel_err(ours, ref) < 1e-4, name
 
 
 _RESNET = {}
@@ -522,14 +524,20 @@ def test_lrp0_is_gradient_times_input_for_every_affine_variant():
             h = torch.relu(self.pool(h).transpose(1, 2) @ self.w)  # [N, 4, 5]
             return self.head(h.mean(1))
 
-    model = seeded(Net(), 14).eval()
-    x = torch.randn(3, 2, 8, generator=torch.Generator().manual_seed(15))
-    ex = dlbjax.Explainer(model, x, method="lrp-0")
-    ops = {q.op for q in ex.plan.program.eqns}
-    assert {"aten.conv1d.default", "aten.conv_transpose1d.default", "aten.matmul.default",
-            "aten.mean.dim", "aten.adaptive_avg_pool1d.default"} <= ops, ops
-    e = ex(x)
-    gxi = R(ex.replace(method="gradient-x-input")(x))
+    import jax
+    # float64 and stabilizer=0: LRP-0 divides by pre-activations that can be near 0, so float32
+    # rounding and the z-rule's 1e-6 stabiliser at the mean and the pool (Zennit's Norm) move
+    # it by up to 1e-3 (seen in CI); in float64 with no stabiliser both sides agree to 1e-12.
+    model = seeded(Net(), 14).eval().double()
+    x = torch.randn(3, 2, 8, generator=torch.Generator().manual_seed(15)).double()
+    with jax.enable_x64(True):
+        ex = dlbjax.Explainer(model, x, method="lrp-0", stabilizer=0)
+        ops = {q.op for q in ex.plan.program.eqns}
+        assert {"aten.conv1d.default", "aten.conv_transpose1d.default", "aten.matmul.default",
+                "aten.mean.dim", "aten.adaptive_avg_pool1d.default"} <= ops, ops
+        e = ex(x)
+        gxi = R(ex.replace(method="gradient-x-input", stabilizer=None)(x))
+    assert R(e).dtype == np.float64
     logit = e.prediction[np.arange(len(x)), e.target].reshape(-1, 1, 1)
     expected = gxi * SEED / logit
-    np.testing.assert_allclose(R(e), expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max())
+    np.testing.assert_allclose(R(e), expected, rtol=1e-9, atol=1e-9 * np.abs(expected).max())
