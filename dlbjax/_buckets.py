@@ -14,10 +14,10 @@ import dataclasses
 from typing import Any, Callable
 
 import numpy as np
-import torch
 
+from . import importers  # its torch half loads on first use (a torch model is given here)
 from ._errors import InputMismatchError
-from .importers import bind_inputs
+from ._torch import is_tensor
 
 __all__ = ["Bucketing", "default_buckets"]
 
@@ -33,7 +33,8 @@ def default_buckets(max_len: int, smallest: int = 8) -> tuple[int, ...]:
 
 class Bucketing:
     def __init__(self, model, example, buckets, make_explainer):
-        bound = bind_inputs(model, example)
+        import torch
+        bound = importers.bind_inputs(model, example)
         self.model = model
         self.make = make_explainer
         self.kwargs_template = dict(bound.kwargs)
@@ -64,6 +65,7 @@ class Bucketing:
                                  f"{self.buckets[-1]}; pass larger buckets")
 
     def pad(self, kwargs: dict, length: int, bucket: int) -> dict:
+        import torch
         out = dict(kwargs)
         for n in self.seq_names:
             t = torch.as_tensor(np.asarray(kwargs[n])) if not isinstance(kwargs[n], torch.Tensor) \
@@ -81,14 +83,14 @@ class Bucketing:
 
     def explainer(self, bucket: int):
         if bucket not in self.inner:
-            example = {k: (v[:1] if isinstance(v, torch.Tensor) else v)
+            example = {k: (v[:1] if is_tensor(v) else v)
                        for k, v in self.kwargs_template.items()}
             length = example[self.seq_names[0]].shape[1]
             self.inner[bucket] = self.make(self.pad(example, length, bucket))
         return self.inner[bucket]
 
     def _split(self, inputs):
-        bound = bind_inputs(self.model, inputs)
+        bound = importers.bind_inputs(self.model, inputs)
         missing = [n for n in self.seq_names if n not in bound.kwargs]
         if missing:
             raise InputMismatchError(f"missing token inputs {missing}")

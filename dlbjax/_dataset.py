@@ -23,12 +23,13 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
+import jax
 import numpy as np
-import torch
 
 from ._assemble import explain_rows
 from ._errors import InputMismatchError, TargetError
 from ._result import Conservation, Explanation
+from ._torch import is_tensor
 from ._types import Streams
 
 __all__ = ["explain_dataset", "load_results"]
@@ -42,7 +43,7 @@ MANIFEST = "manifest.json"
 # rows of the caller's inputs
 # ------------------------------------------------------------------------------------------------
 def _is_array(x) -> bool:
-    return isinstance(x, (torch.Tensor, np.ndarray))
+    return isinstance(x, (np.ndarray, jax.Array)) or is_tensor(x)
 
 
 def _is_inputs(data) -> bool:
@@ -76,7 +77,8 @@ def _concat(parts: list):
         return first
 
     def cat(vs):
-        if isinstance(vs[0], torch.Tensor):
+        if is_tensor(vs[0]):
+            import torch
             return torch.cat(vs, 0)
         return np.concatenate([np.asarray(v) for v in vs], 0)
 

@@ -37,6 +37,7 @@ How it works (one compilation for the whole generation, one for the whole explan
 
 from __future__ import annotations
 
+import functools
 import html
 import inspect
 from dataclasses import dataclass, field
@@ -45,13 +46,13 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-import torch
 
 from ._assemble import explain_rows
 from ._dtypes import jnp_dtype
 from ._errors import InputMismatchError
 from ._explain import Explainer
 from ._result import Explanation
+from ._torch import is_tensor
 from ._types import Streams
 from ._views import _css
 from .engine.interpret import evaluate
@@ -201,14 +202,14 @@ def _check(strategy, max_new_tokens, temperature, top_k, top_p, num_beams):
 
 def _prompt(inputs) -> tuple[np.ndarray, np.ndarray]:
     """(input_ids [B, T0] int64, attention_mask [B, T0] int64) from a tensor or a dict/BatchEncoding."""
-    if isinstance(inputs, (torch.Tensor, np.ndarray)):
+    if isinstance(inputs, np.ndarray) or is_tensor(inputs):
         ids, mask = inputs, None
     elif isinstance(inputs, dict) or hasattr(inputs, "keys"):
         d = dict(inputs)
         if "input_ids" not in d:
             raise InputMismatchError(f"generate needs 'input_ids'; got keys {sorted(d)}")
         extra = sorted(k for k in d if k not in ("input_ids", "attention_mask", "token_type_ids")
-                       and isinstance(d[k], (torch.Tensor, np.ndarray)))  # flags are ignored
+                       and (isinstance(d[k], np.ndarray) or is_tensor(d[k])))  # flags are ignored
         if extra:
             raise InputMismatchError(f"generate takes input_ids and attention_mask; cannot extend "
                                      f"{extra} token by token")
@@ -222,7 +223,7 @@ def _prompt(inputs) -> tuple[np.ndarray, np.ndarray]:
                                  f"not {type(inputs).__name__}")
 
     def host(x):
-        return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+        return x.detach().cpu().numpy() if is_tensor(x) else np.asarray(x)
 
     ids = host(ids)
     if ids.ndim == 1:
@@ -364,20 +365,27 @@ def _decoder(program, explained, consts, names, *, T0, N, strategy, temperature,
     return jax.jit(run)
 
 
-class _TokenIdsOnly(torch.nn.Module):
-    """A causal LM whose forward takes only the token ids (``forward(ids)``, returning logits or an
-    object with ``.logits``), given the ``attention_mask`` argument that generation drives. The
-    model never reads the mask: being causal, later positions cannot change earlier logits. The
-    mask only tells the next-token seed which position to explain (the last unmasked one). The
-    user's module is held, not changed."""
+@functools.lru_cache(maxsize=None)
+def _token_ids_only_class():
+    """The wrapper class, built on first use so that importing dlbjax never imports torch."""
+    import torch
 
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
+    class _TokenIdsOnly(torch.nn.Module):
+        """A causal LM whose forward takes only the token ids (``forward(ids)``, returning logits
+        or an object with ``.logits``), given the ``attention_mask`` argument that generation
+        drives. The model never reads the mask: being causal, later positions cannot change
+        earlier logits. The mask only tells the next-token seed which position to explain (the
+        last unmasked one). The user's module is held, not changed."""
 
-    def forward(self, input_ids, attention_mask):
-        out = self.model(input_ids)
-        return getattr(out, "logits", out)
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            out = self.model(input_ids)
+            return getattr(out, "logits", out)
+
+    return _TokenIdsOnly
 
 
 # ------------------------------------------------------------------------------------------------
@@ -413,9 +421,10 @@ class Generator:
         takes_kwargs = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
         self.ids_only = bool(params) and "attention_mask" not in params and not takes_kwargs
         if self.ids_only:
-            model = _TokenIdsOnly(model)
+            model = _token_ids_only_class()(model)
             params = inspect.signature(model.forward).parameters
         self.left_pads = "position_ids" in params
+        import torch
         example = {"input_ids": torch.full((1, L), self.pad, dtype=torch.long),
                    "attention_mask": torch.ones((1, L), dtype=torch.long)}
         if "position_ids" in params:

@@ -1,49 +1,35 @@
-"""PyTorch -> dlbjax IR: ``torch.export`` capture, ATen decomposition that keeps layers whole, and
-translation into :class:`dlbjax.ir.Program`.
+"""Model -> dlbjax IR. Two importers build the same :class:`dlbjax.ir.Program`:
+
+- PyTorch (``_torch``, ``_export``, ``_translate``, ``_bind``, ``_substitute``, ``_mamba``):
+  ``torch.export`` capture, ATen decomposition that keeps layers whole, translation;
+- JAX (``_jax``): ``jax.make_jaxpr`` of a pure function, lax primitives mapped onto the same ops.
 
 >>> from dlbjax.importers import import_model
 >>> program, bound = import_model(model, example_inputs)
 >>> print(program)
+
+The torch half is loaded on first use of one of its names (``import_model``, ``bind_inputs``,
+...), so importing dlbjax and explaining a JAX model never imports torch.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
-
-from ._bind import BoundInputs, bind_inputs
-from ._substitute import (Substitution, register_substitution, substituted_copy, substitutions,
-                          unregister_substitution)
-from ._export import KEEP_WHOLE, decomposition_table, eval_copy, export_model, static_experts_copy
-from ._translate import tensor_to_numpy, torch_dtype_name, translate
 from ._jax import bind_jax_inputs, import_jax
-from . import _mamba  # noqa: F401  (registers dlbjax::selective_scan and the Mamba mixers' substitution)
+from ._names import path_name
 
-__all__ = ["import_model", "import_bound", "bind_inputs", "BoundInputs", "export_model", "translate",
-           "decomposition_table", "KEEP_WHOLE", "eval_copy", "tensor_to_numpy", "torch_dtype_name",
-           "static_experts_copy", "import_jax", "bind_jax_inputs", "register_substitution", "unregister_substitution",
-           "substitutions", "substituted_copy", "Substitution"]
+# names of the torch importer, loaded from ._torch on first access (PEP 562)
+TORCH_NAMES = ("import_model", "import_bound", "bind_inputs", "BoundInputs", "export_model",
+               "translate", "decomposition_table", "KEEP_WHOLE", "eval_copy", "tensor_to_numpy",
+               "torch_dtype_name", "static_experts_copy", "register_substitution",
+               "unregister_substitution", "substitutions", "substituted_copy", "Substitution")
 
-
-def import_model(model: torch.nn.Module, inputs: Any):
-    """Export ``model`` on ``inputs`` and translate it. Returns ``(program, bound_inputs)``.
-
-    The model is never modified: a model (or any submodule) in training mode is exported from an
-    eval-mode deep copy, and modules with an export-friendly substitution
-    (:func:`register_substitution`) are replaced on a copy that shares the model's tensors.
-    """
-    bound = bind_inputs(_check_module(model), inputs)
-    return import_bound(model, bound), bound
+__all__ = list(TORCH_NAMES) + ["import_jax", "bind_jax_inputs", "path_name"]
 
 
-def import_bound(model: torch.nn.Module, bound: BoundInputs):
-    """Export and translate with inputs already bound (see :func:`bind_inputs`)."""
-    ep = export_model(_check_module(model), bound.args, bound.kwargs)
-    return translate(ep, bound.names)
-
-
-def _check_module(model):
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    return model
+def __getattr__(name: str):
+    if name in TORCH_NAMES:
+        from . import _torch  # the torch importer: imports torch (deferred for JAX models)
+        value = getattr(_torch, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

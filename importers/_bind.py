@@ -14,6 +14,8 @@ import torch.utils._pytree as pytree
 
 from dlbjax._errors import InputMismatchError
 
+from ._names import path_name
+
 __all__ = ["BoundInputs", "bind_inputs", "path_name"]
 
 
@@ -31,19 +33,6 @@ def _as_torch(x: Any) -> Any:
     if isinstance(x, np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(x))
     return x
-
-
-def path_name(path: tuple) -> str:
-    """A pytree key path as a dotted name (``("input_ids",)`` -> ``input_ids``, ``x.0.y``)."""
-    parts = []
-    for k in path:
-        for attr in ("key", "idx", "name"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k).strip(".[]'\""))
-    return ".".join(parts)
 
 
 def bind_inputs(model: torch.nn.Module, inputs: Any) -> BoundInputs:

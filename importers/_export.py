@@ -21,6 +21,7 @@ from torch.nn.utils.rnn import PackedSequence
 from dlbjax._errors import ExportError
 from dlbjax.lowerings import keep_whole_ops
 from ._substitute import substituted_copy
+from . import _mamba  # noqa: F401  (registers dlbjax::selective_scan and the Mamba substitution)
 
 __all__ = ["KEEP_WHOLE", "decomposition_table", "export_model", "eval_copy", "static_experts_copy"]
 

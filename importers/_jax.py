@@ -36,7 +36,7 @@ import numpy as np
 from dlbjax._errors import ExportError, UnsupportedOp, UnsupportedOperationError
 from dlbjax.ir import DTYPES, Eqn, Program, Source, Var
 
-from ._bind import path_name
+from ._names import path_name
 
 __all__ = ["import_jax", "bind_jax_inputs", "keystr_name"]
 
@@ -64,7 +64,7 @@ _HINT = ("dlbjax has no mapping of this JAX primitive onto its IR; rewrite that 
 
 def keystr_name(path) -> str:
     """A pytree key path as a dotted name: ``['layers'][0]['kernel']`` -> ``layers.0.kernel``
-    (the torch path's :func:`importers._bind.path_name`)."""
+    (:func:`importers._names.path_name`, shared with the torch path)."""
     return path_name(path)
 
 

@@ -13,7 +13,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from dlbjax._errors import ExportError
 from dlbjax.ir import DTYPES, Eqn, Program, Source, Var
 
-from ._bind import path_name
+from ._names import path_name
 
 __all__ = ["translate", "torch_dtype_name", "tensor_to_numpy"]
 

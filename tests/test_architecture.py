@@ -21,6 +21,8 @@ FOLDERS = {"dlbjax": "dlbjax", "rules": "dlbjax.rules", "importers": "dlbjax.imp
 # function-local imports of dlbjax modules that are allowed, with the reason
 LOCAL_IMPORTS_ALLOWED = {
     "dlbjax.__main__": "the command line imports the library only when a command runs (fast --help)",
+    "dlbjax.importers": "the torch importer (and torch) loads on first use of its names, so a JAX "
+                        "model is explained without importing torch",
 }
 
 
