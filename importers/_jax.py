@@ -4,19 +4,46 @@ translate its jaxpr into the same :class:`dlbjax.ir.Program` the torch importer 
 Every lax primitive is mapped onto existing ATen op names with their ATen argument conventions, so
 the existing lowerings and relevance rules apply unchanged:
 
-- ``dot_general`` with a constant right operand -> ``aten.linear.default`` (the kernel [in, out]
-  stored transposed, [out, in], as torch's Linear; a following ``+ bias`` is folded into it);
-  between two activations -> ``aten.matmul.default``;
+- ``dot_general`` with a constant right operand contracted with the left's trailing dims ->
+  ``aten.linear.default`` (the kernel [in, out] stored transposed, [out, in], as torch's Linear; a
+  following ``+ bias`` is folded into it); a kernel of more than 2 dims (einsum-style dense,
+  multi-head projections) is flattened to [out, in] with views around the linear; between two
+  activations -> ``aten.matmul.default``, with batch dimensions (attention's Q K^T and P V) as a
+  matmul of [batch.., free, contracted] by [batch.., contracted, free] (permutes/views around);
 - ``conv_general_dilated`` (any layout, e.g. flax's NHWC/HWIO) -> permutes to NCHW/OIHW,
-  ``aten.convolution.default`` (a following per-channel ``+ bias`` folded in), permute back;
-- ``reduce_window_max`` / ``reduce_window_sum`` -> ``aten.max_pool{n}d`` / ``aten.avg_pool{n}d``
-  (times the window size) between permutes;
+  ``aten.convolution.default`` (a following per-channel ``+ bias`` folded in), permute back; with
+  ``lhs_dilation`` (``jax.lax.conv_transpose``) a transposed ``aten.convolution.default`` (kernel
+  flipped, [in, out, k..]) and slices for asymmetric padding;
+- ``reduce_window_max`` / ``reduce_window_sum`` -> ``aten.max_pool{n}d`` (window dilation kept) /
+  ``aten.avg_pool{n}d`` (times the window size) between permutes; asymmetric padding as
+  ``aten.constant_pad_nd`` with -inf (max) or 0 (sum) first;
 - element-wise arithmetic, ``max(x, 0)`` -> ``aten.relu.default``, unary functions, reductions,
   reshapes, transposes, broadcasts and casts as ATen index maps;
+- indexing and joining: ``slice`` / ``dynamic_slice`` (constant starts) / ``split`` ->
+  ``aten.slice.Tensor`` chains; ``dynamic_update_slice`` (constant starts, one dim) ->
+  ``aten.slice_scatter.default``; ``concatenate`` -> ``aten.cat.default``; ``rev`` ->
+  ``aten.flip.default``; ``pad`` (non-negative, no interior) -> ``aten.constant_pad_nd.default``;
+  ``gather`` as ``x.take(i, axis)``: a constant 2-d table indexed by integer inputs ->
+  ``aten.embedding.default`` on the ids themselves (``table[ids]``'s negative-index wrap dropped),
+  an activation indexed by constant in-range indices -> ``aten.index_select.default``;
+- masks: ``select_n(pred, on_false, on_true)`` -> ``aten.where.self(pred, on_true, on_false)``;
+  ``eq/ne/lt/le/gt/ge`` -> ``aten.<cmp>.Scalar`` (scalar constant) or ``.Tensor``; ``and/or/not``
+  -> ``aten.logical_*`` (bool) / ``aten.bitwise_*``; ``iota`` and everything else computed from
+  constants only is folded;
 - layer-level activations: ``jax.nn.relu``/``silu``/``sigmoid``/``relu6`` by their jit or
   custom_jvp name, ``jax.nn.softmax`` and ``jax.nn.gelu`` (both forms) by their written-out
   equations -> ``aten.softmax.int`` / ``aten.gelu.default``;
+- norms over the last axis written out (flax ``nnx.LayerNorm``'s ``mean(x^2) - mean(x)^2``, the
+  ``mean((x - mean)^2)`` form, ``nnx.RMSNorm``, hand-written ones; with or without scale/bias) ->
+  ``aten.layer_norm.default`` / ``aten.rms_norm.default``: a run of equations reading one
+  activation and constants, containing ``rsqrt(. + eps)``, whose intermediates are read only
+  inside it, checked numerically against the norm with least-squares scale and bias (taken from
+  the run's own constants when they match);
 - ``pjit`` / ``closed_call`` / ``custom_jvp_call`` / ``custom_vjp_call`` are inlined.
+
+Not mapped (they raise): ``cumsum``, ``sort``, gathers with indices computed from inputs into an
+activation or of other shapes (scatter), ``jax.nn.dot_product_attention`` kept whole (its
+written-out form imports as matmuls, a where and a softmax), batch-grouped convolutions.
 
 Values computed from parameters and literals only are folded on the host (eagerly, with the
 primitive itself) and enter the program as constants. Parameters are named by their pytree path
@@ -699,10 +726,12 @@ class _Translator:
         dn = params["dimension_numbers"]
         lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
         nd = len(lhs_spec) - 2
-        if any(d != 1 for d in params["lhs_dilation"]) or params.get("batch_group_count", 1) != 1:
-            return self.unsupported(e, where, "a transposed (lhs-dilated) or batch-grouped conv")
+        if params.get("batch_group_count", 1) != 1:
+            return self.unsupported(e, where, "a batch-grouped conv")
         pads = [tuple(p) for p in params["padding"]]
         xin = self.permute(x, lhs_spec, where)
+        if any(d != 1 for d in params["lhs_dilation"]):
+            return self.transposed_conv(e, xin, w, params, out, where, counts)
         if any(lo != hi for lo, hi in pads):
             widths = []
             for lo, hi in reversed(pads):
@@ -727,16 +756,58 @@ class _Translator:
         self.pending = ("conv", conv_idx, res, out_spec[1], (e.outvars[0], counts))
         return [res]
 
+    def transposed_conv(self, e, xin, w, params, out, where, counts):
+        """``conv_general_dilated`` with ``lhs_dilation`` s (``jax.lax.conv_transpose``) as
+        torch's transposed convolution: stride s, the kernel flipped and stored [in, out, k..],
+        padding d(k-1) - lo and output padding hi - lo."""
+        dn = params["dimension_numbers"]
+        rhs_spec, out_spec = dn.rhs_spec, dn.out_spec
+        nd = len(rhs_spec) - 2
+        strides = [int(s) for s in params["lhs_dilation"]]
+        dil = [int(d) for d in params["rhs_dilation"]]
+        ks = [w.value.shape[d] for d in rhs_spec[2:]]
+        pads = [tuple(int(v) for v in p) for p in params["padding"]]
+        crop = [(d * (k - 1) - lo, d * (k - 1) - hi) for d, k, (lo, hi) in zip(dil, ks, pads)]
+        if params["feature_group_count"] != 1 or any(s != 1 for s in params["window_strides"]) \
+                or any(c < 0 for c in sum(crop, ())):
+            return self.unsupported(e, where, f"a transposed conv with padding {pads}")
+        tpad = [min(c) for c in crop]  # torch's symmetric padding, the rest sliced off
+        flip = tuple(range(2, 2 + nd))
+        weight = self.relaid(w, ("conv_t", tuple(rhs_spec)), lambda v: np.ascontiguousarray(
+            np.flip(np.transpose(v, rhs_spec), flip).swapaxes(0, 1)))  # [in, out, k..]
+        nchw = [out.shape[out_spec[0]], out.shape[out_spec[1]]] + [out.shape[d] for d in out_spec[2:]]
+        full = list(nchw[:2]) + [n + lo - p + hi - p for n, (lo, hi), p in
+                                 zip(nchw[2:], crop, tpad)]
+        y = self.emit("aten.convolution.default",
+                      (xin, weight, None, strides, tpad, dil, True, [0] * nd, 1), {}, full,
+                      out.dtype, where)
+        conv_idx = len(self.eqns) - 1
+        starts = [0, 0] + [lo - p for (lo, _), p in zip(crop, tpad)]
+        y = self.slices(y, starts, [a + n for a, n in zip(starts, nchw)], [1] * len(nchw), where)
+        if y is not self.eqns[conv_idx].outputs[0]:
+            conv_idx = None
+        conv_idx = len(self.eqns) - 1
+        inverse = [0] * len(out_spec)
+        for i, d in enumerate(out_spec):
+            inverse[d] = i
+        res = self.permute(y, inverse, where)
+        if conv_idx is not None:
+            self.pending = ("conv", conv_idx, res, out_spec[1], (e.outvars[0], counts))
+        return [res]
+
     def _pool(self, e, ins, params, out, where, counts):
         x = ins[0]
         if not isinstance(x, Var) or not all(isinstance(a, _Folded) for a in ins[1:]):
             return self.unsupported(e, where, "a pooling window over constants")
         win, strides = tuple(params["window_dimensions"]), tuple(params["window_strides"])
         pads = [tuple(p) for p in params["padding"]]
-        if any(d != 1 for d in tuple(params.get("base_dilation", ())) + tuple(params.get("window_dilation", ()))):
-            return self.unsupported(e, where, "dilated pooling windows")
+        wdil = tuple(int(d) for d in params.get("window_dilation", ())) or (1,) * len(win)
+        is_max = e.primitive.name == "reduce_window_max"
+        if any(d != 1 for d in tuple(params.get("base_dilation", ()))) or \
+                (not is_max and any(d != 1 for d in wdil)):
+            return self.unsupported(e, where, "base-dilated pooling, or a dilated sum window")
         spatial = [i for i, k in enumerate(win) if k != 1 or strides[i] != 1 or pads[i] != (0, 0)]
-        if not spatial or len(spatial) > 3 or any(lo != hi for lo, hi in pads):
+        if not spatial or len(spatial) > 3 or any(lo < 0 or hi < 0 for lo, hi in pads):
             return self.unsupported(e, where, f"pooling window {win} with padding {pads}")
         rest = [i for i in range(len(win)) if i not in spatial]
         perm = rest + spatial
@@ -745,9 +816,19 @@ class _Translator:
         k = [int(win[i]) for i in spatial]
         s = [int(strides[i]) for i in spatial]
         p = [int(pads[i][0]) for i in spatial]
+        if any(lo != hi for lo, hi in pads):  # asymmetric: pad with the reduction's identity
+            widths = []
+            for i in reversed(spatial):
+                widths += [int(pads[i][0]), int(pads[i][1])]
+            shape = list(xp.shape[:len(rest)]) + [x.shape[i] + sum(pads[i]) for i in spatial]
+            xp = self.emit("aten.constant_pad_nd.default",
+                           (xp, widths, float("-inf") if is_max else 0.0), {}, shape, xp.dtype,
+                           where)
+            p = [0] * nd
         pshape = [out.shape[i] for i in perm]
-        if e.primitive.name == "reduce_window_max":
-            y = self.emit(f"aten.max_pool{nd}d.default", (xp, k, s, p, [1] * nd, False), {}, pshape,
+        if is_max:
+            y = self.emit(f"aten.max_pool{nd}d.default",
+                          (xp, k, s, p, [int(wdil[i]) for i in spatial], False), {}, pshape,
                           out.dtype, where)
         else:
             y = self.emit(f"aten.avg_pool{nd}d.default", (xp, k, s, p, False, True), {}, pshape,

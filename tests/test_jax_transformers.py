@@ -298,3 +298,151 @@ def test_decoder_batch_equals_rows(dec_case):
     whole = ex(ids)
     for i in range(len(ids)):
         _close(whole.relevance["x"][i], ex(ids[i:i + 1]).relevance["x"][0])
+
+
+# ---- one test per primitive mapping -----------------------------------------------------------
+_W = {"w": np.random.default_rng(9).normal(size=(4, 4)).astype(np.float32)}
+
+
+def _lin(p, x):
+    return x @ p["w"]
+
+
+def _dyn_update(p, x):
+    y = _lin(p, x)
+    return jax.lax.dynamic_update_slice(y, y[:, :2] * 2.0, (0, 1))
+
+
+_CASES = {
+    "slice": (lambda p, x: _lin(p, x)[:, 1:3], "aten.slice.Tensor"),
+    "strided slice": (lambda p, x: _lin(p, x)[:, ::2], "aten.slice.Tensor"),
+    "dynamic_slice": (lambda p, x: jax.lax.dynamic_slice(_lin(p, x), (0, 1), (x.shape[0], 2)),
+                      "aten.slice.Tensor"),
+    "dynamic_update_slice": (_dyn_update, "aten.slice_scatter.default"),
+    "take": (lambda p, x: jnp.take(_lin(p, x), jnp.array([3, 0, 0]), axis=1),
+             "aten.index_select.default"),
+    "index": (lambda p, x: _lin(p, x)[:, np.array([2, 1])], "aten.index_select.default"),
+    "concatenate": (lambda p, x: jnp.concatenate([_lin(p, x), x], -1), "aten.cat.default"),
+    "split": (lambda p, x: jnp.split(_lin(p, x), 2, axis=-1)[1], "aten.slice.Tensor"),
+    "rev": (lambda p, x: jnp.flip(_lin(p, x), -1), "aten.flip.default"),
+    "pad": (lambda p, x: jnp.pad(_lin(p, x), ((0, 0), (1, 2))), "aten.constant_pad_nd.default"),
+    "select_n": (lambda p, x: jnp.where(x > 0, _lin(p, x), x), "aten.where.self"),
+    "eq": (lambda p, x: jnp.where(x == 0.5, 0.0, _lin(p, x)), "aten.eq.Scalar"),
+    "ne": (lambda p, x: jnp.where(x != _lin(p, x), 1.0, _lin(p, x)), "aten.ne.Tensor"),
+    "le": (lambda p, x: jnp.where(x <= 0.1, 0.0, _lin(p, x)), "aten.le.Scalar"),
+    "ge": (lambda p, x: jnp.where(0.1 >= x, 0.0, _lin(p, x)), "aten.le.Scalar"),
+    "lt and": (lambda p, x: jnp.where((x < 1.0) & (x > -1.0), _lin(p, x), 0.0),
+               "aten.logical_and.Tensor"),
+    "iota": (lambda p, x: _lin(p, x) * jnp.arange(4.0), "aten.mul.Tensor"),
+    "batched dot_general": (lambda p, x: jnp.einsum("bi,bj->bij", _lin(p, x), x),
+                            "aten.matmul.default"),
+    "einsum kernel": (lambda p, x: jnp.einsum("bi,ihk->bhk", x, p["w"].reshape(4, 2, 2)),
+                      "aten.linear.default"),
+    "einsum kernel in": (lambda p, x: jnp.einsum("bhk,hkj->bj", _lin(p, x).reshape(-1, 2, 2),
+                                                 p["w"].reshape(2, 2, 4)), "aten.linear.default"),
+}
+
+
+@pytest.mark.parametrize("name", list(_CASES))
+def test_primitive_mapping(name):
+    fn, op = _CASES[name]
+    x = np.random.default_rng(10).normal(size=(3, 4)).astype(np.float32)
+    program = import_jax(fn, _W, x[:1])
+    assert op in [e.op for e in program.eqns]
+    ex = dlbjax.Explainer(fn, x, params=_W, task="regression")
+    _close(ex(x).prediction, fn(_W, x))
+
+
+def test_gather_of_a_table_is_an_embedding_and_of_an_activation_by_inputs_unsupported():
+    table = {"t": np.random.default_rng(11).normal(size=(7, 3)).astype(np.float32)}
+    ids = np.array([[1, 6, 0]], np.int32)
+    program = import_jax(lambda p, i: p["t"][i], table, ids)
+    (emb,) = [e for e in program.eqns if e.op == "aten.embedding.default"]
+    assert emb.args[1] is program.inputs[0]  # the ids themselves, as torch's nn.Embedding
+
+    def by_inputs(p, x, i):
+        return jnp.take(x @ _W["w"], i, axis=1)
+
+    with pytest.raises(dlbjax.UnsupportedOperationError, match="gather"):
+        import_jax(by_inputs, _W, (np.ones((1, 4), np.float32), np.array([1], np.int32)))
+
+
+@pytest.mark.parametrize("which", ["LayerNorm", "RMSNorm"])
+def test_flax_nnx_norms_are_one_op_and_equal_torch(which):
+    from flax import nnx
+
+    module = getattr(nnx, which)(8, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(module)
+    rng = np.random.default_rng(12)
+    lin = rng.normal(size=(8, 8)).astype(np.float32)
+    scale = (1 + rng.normal(0, 0.1, 8)).astype(np.float32)
+    state["scale"].value = jnp.asarray(scale)
+    if which == "LayerNorm":
+        bias = rng.normal(0, 0.1, 8).astype(np.float32)
+        state["bias"].value = jnp.asarray(bias)
+    params = {"lin": lin, "norm": state}
+
+    def fn(p, x):
+        return nnx.merge(graphdef, p["norm"])(x @ p["lin"])
+
+    x = rng.normal(size=(3, 8)).astype(np.float32)
+    op = "aten.layer_norm.default" if which == "LayerNorm" else "aten.rms_norm.default"
+    ops = [e.op for e in import_jax(fn, params, x[:1]).eqns]
+    assert ops == ["aten.linear.default", op]
+    tnorm = nn.LayerNorm(8, eps=1e-6) if which == "LayerNorm" else nn.RMSNorm(8, eps=1e-6)
+    tlin = nn.Linear(8, 8, bias=False)
+    _set_linear(tlin, lin)
+    with torch.no_grad():
+        tnorm.weight.copy_(_t(scale))
+        if which == "LayerNorm":
+            tnorm.bias.copy_(_t(bias))
+    tmodel = nn.Sequential(tlin, tnorm).eval()
+    for mode in ("default", "contrastive"):
+        ej = dlbjax.explain(fn, x, params=params, mode=mode)
+        et = dlbjax.explain(tmodel, torch.from_numpy(x), mode=mode)
+        _close(ej.prediction, fn(params, x))
+        _close(ej.prediction, et.prediction)
+        _close(ej.relevance["x"], et.relevance["input"])
+
+
+def test_a_norm_whose_intermediate_is_read_elsewhere_is_not_fused():
+    def fn(p, x):
+        y = x @ p["w"]
+        ms = jnp.mean(jnp.square(y), -1, keepdims=True)
+        return y * jax.lax.rsqrt(ms + 1e-6) + ms
+
+    x = np.random.default_rng(13).normal(size=(2, 4)).astype(np.float32)
+    ops = [e.op for e in import_jax(fn, _W, x[:1]).eqns]
+    assert "aten.rms_norm.default" not in ops and "aten.rsqrt.default" in ops
+
+
+def test_transposed_conv_and_asymmetric_pools_equal_torch():
+    rng = np.random.default_rng(14)
+    k = rng.normal(size=(3, 3, 2, 4)).astype(np.float32)  # HWIO
+
+    def fn(p, x):  # NHWC
+        y = jax.lax.conv_transpose(x, p["k"], (2, 2), "SAME",
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = jax.nn.relu(y)
+        y = jax.lax.reduce_window(y, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1),
+                                  ((0, 0), (0, 1), (1, 0), (0, 0)))
+        return jax.lax.reduce_window(y, 0.0, jax.lax.add, (1, 2, 2, 1), (1, 1, 1, 1),
+                                     ((0, 0), (0, 1), (0, 1), (0, 0)))
+
+    x = rng.normal(size=(2, 5, 5, 2)).astype(np.float32)
+    program = import_jax(fn, {"k": k}, x[:1])
+    (conv,) = [e for e in program.eqns if e.op == "aten.convolution.default"]
+    assert conv.args[6] is True  # transposed
+    assert [e.op for e in program.eqns].count("aten.constant_pad_nd.default") == 2
+    ex = dlbjax.Explainer(fn, x, params={"k": k}, task="regression")
+    _close(ex(x).prediction, fn({"k": k}, x))
+
+
+def test_an_unmapped_primitive_is_named():
+    def bad(p, x):
+        with jax.named_scope("tail"):
+            return jnp.sort(_lin(p, x), axis=-1)
+
+    with pytest.raises(dlbjax.UnsupportedOperationError, match="sort") as info:
+        import_jax(bad, _W, np.ones((1, 4), np.float32))
+    assert "tail" in str(info.value)
