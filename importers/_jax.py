@@ -42,8 +42,10 @@ the existing lowerings and relevance rules apply unchanged:
 - ``pjit`` / ``closed_call`` / ``custom_jvp_call`` / ``custom_vjp_call`` are inlined.
 
 Not mapped (they raise): ``cumsum``, ``sort``, gathers with indices computed from inputs into an
-activation or of other shapes (scatter), ``jax.nn.dot_product_attention`` kept whole (its
-written-out form imports as matmuls, a where and a softmax), batch-grouped convolutions.
+activation or of other shapes (scatter), batch-grouped convolutions.
+``jax.nn.dot_product_attention`` is not kept whole as ``aten.scaled_dot_product_attention``: its
+jaxpr is written out (no named call to recognise) and imports as batched matmuls, a where on the
+mask and a softmax, whose relevance equals torch's SDPA (tests/test_jax_transformers.py).
 
 Values computed from parameters and literals only are folded on the host (eagerly, with the
 primitive itself) and enter the program as constants. Parameters are named by their pytree path

@@ -446,3 +446,51 @@ def test_an_unmapped_primitive_is_named():
     with pytest.raises(dlbjax.UnsupportedOperationError, match="sort") as info:
         import_jax(bad, _W, np.ones((1, 4), np.float32))
     assert "tail" in str(info.value)
+
+
+class _TorchSDPA(nn.Module):
+    def __init__(self, w, o, causal):
+        super().__init__()
+        self.causal = causal
+        self.l, self.o = nn.Linear(8, 24, bias=False), nn.Linear(8, 3, bias=False)
+        _set_linear(self.l, w)
+        _set_linear(self.o, o)
+
+    def forward(self, x, m):
+        B = x.shape[0]
+        q, k, v = (t.reshape(B, 6, 2, 4).transpose(1, 2) for t in self.l(x).chunk(3, -1))
+        if self.causal:
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=m[:, None, None, :] > 0)
+        return self.o(a.transpose(1, 2).reshape(B, 6, 8)[:, 0 if not self.causal else -1])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_dot_product_attention_equals_torch_sdpa(causal):
+    """``jax.nn.dot_product_attention`` is written out in its jaxpr (batched dot_generals, a
+    where on the mask, a softmax) and is imported as such, not as one
+    ``aten.scaled_dot_product_attention``: its relevance equals torch's whole SDPA all the same."""
+    rng = np.random.default_rng(15)
+    p = {"w": rng.normal(size=(8, 24)).astype(np.float32),
+         "o": rng.normal(size=(8, 3)).astype(np.float32)}
+
+    def fn(p, x, m):
+        q, k, v = (t.reshape(x.shape[0], 6, 2, 4) for t in jnp.split(x @ p["w"], 3, -1))
+        if causal:
+            a = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        else:
+            a = jax.nn.dot_product_attention(q, k, v, mask=m[:, None, None, :] > 0)
+        return a.reshape(x.shape[0], 6, 8)[:, -1 if causal else 0] @ p["o"]
+
+    x = rng.normal(size=(2, 6, 8)).astype(np.float32)
+    m = np.ones((2, 6), np.int32)
+    m[0, 4:] = 0
+    tmodel = _TorchSDPA(p["w"], p["o"], causal).eval()
+    for mode in ("default", "contrastive"):
+        ej = dlbjax.explain(fn, (x, m), params=p, mode=mode)
+        et = dlbjax.explain(tmodel, (torch.from_numpy(x), torch.from_numpy(m.astype(np.int64))),
+                            mode=mode)
+        _close(ej.prediction, fn(p, x, m))
+        _close(ej.prediction, et.prediction)
+        _close(ej.relevance["input0"], et.relevance["x"])
