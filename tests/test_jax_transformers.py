@@ -494,3 +494,36 @@ def test_dot_product_attention_equals_torch_sdpa(causal):
         _close(ej.prediction, fn(p, x, m))
         _close(ej.prediction, et.prediction)
         _close(ej.relevance["input0"], et.relevance["x"])
+
+
+@pytest.mark.parametrize("mode", ["default", "contrastive"])
+def test_transposed_conv_relevance_equals_torch(mode):
+    rng = np.random.default_rng(16)
+    k = rng.normal(size=(3, 3, 2, 4)).astype(np.float32)  # HWIO
+    dense = rng.normal(size=(9 * 9 * 4, 3)).astype(np.float32)
+
+    def fn(p, x):  # NHWC
+        y = jax.lax.conv_transpose(x, p["k"], (2, 2), ((1, 1), (1, 1)),
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jax.nn.relu(y).reshape(x.shape[0], -1) @ p["d"]
+
+    class Torch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = nn.ConvTranspose2d(2, 4, 3, stride=2, padding=1, bias=False)
+            self.d = nn.Linear(9 * 9 * 4, 3, bias=False)
+            with torch.no_grad():  # flipped, [in, out, kh, kw]
+                self.up.weight.copy_(_t(np.flip(k.transpose(2, 3, 0, 1), (2, 3))))
+            _set_linear(self.d, dense)
+
+        def forward(self, x):
+            return self.d(torch.relu(self.up(x)).permute(0, 2, 3, 1).flatten(1))
+
+    p = {"k": k, "d": dense}
+    x = rng.normal(size=(2, 5, 5, 2)).astype(np.float32)
+    ej = dlbjax.explain(fn, x, params=p, mode=mode)
+    et = dlbjax.explain(Torch().eval(), torch.from_numpy(x.transpose(0, 3, 1, 2).copy()),
+                        mode=mode)
+    _close(ej.prediction, fn(p, x))
+    _close(ej.prediction, et.prediction)
+    _close(ej.relevance["x"], np.moveaxis(np.asarray(et.relevance["x"]), -3, -1))
