@@ -261,7 +261,7 @@ class _Translator:
         self.eqns: list[Eqn] = []
         self.problems: list[UnsupportedOp] = []
         self.counter = 0
-        self.const_cache: dict[int, Var] = {}
+        self.const_cache: dict[int, tuple] = {}  # id -> (the _Folded kept alive, its Var)
         self.relaid_cache: dict = {}  # (id(value), layout) -> (value kept alive, relaid value)
         # the last affine equation emitted, so that a following "+ bias" folds into it
         self.pending = None
@@ -281,8 +281,8 @@ class _Translator:
 
     def constant(self, folded: _Folded, name: str | None = None) -> Var:
         key = id(folded)
-        if key in self.const_cache:
-            return self.const_cache[key]
+        if key in self.const_cache:  # the cache holds ``folded`` itself: its id is not reused
+            return self.const_cache[key][1]
         value = np.ascontiguousarray(folded.value)
         base = name or folded.origin or "const"
         nm, i = base, 0
@@ -293,7 +293,7 @@ class _Translator:
         self.constants.append(var)
         self.const_values[nm] = value
         self.const_kinds[nm] = "parameter" if folded.origin else "constant"
-        self.const_cache[key] = var
+        self.const_cache[key] = (folded, var)
         return var
 
     def relaid(self, folded: _Folded, tag, fn) -> Var:
@@ -675,10 +675,10 @@ class _Translator:
         (lc, rc), (lb, rb) = params["dimension_numbers"]
         lc, rc, lb, rb = (tuple(int(d) for d in t) for t in (lc, rc, lb, rb))
         a, b = ins
-        if not lb and isinstance(b, _Folded) and isinstance(a, Var) and len(lc) >= 1 \
-                and lc == tuple(range(len(a.shape) - len(lc), len(a.shape))):
-            # a dense layer (an einsum-style kernel of any rank): contract a's trailing dims with
-            # the kernel's dims rc; the kernel becomes [out, in] of a linear on a flattened a
+        if not lb and isinstance(b, _Folded) and isinstance(a, Var) and len(lc) >= 1:
+            # a dense layer (an einsum-style kernel of any rank): contract a's dims lc (moved last)
+            # with the kernel's dims rc; the kernel becomes [out, in] of a linear on a flattened a
+            a = self.permute(a, [d for d in range(len(a.shape)) if d not in lc] + list(lc), where)
             rest = [d for d in range(b.value.ndim) if d not in rc]
             n_in = int(np.prod([b.value.shape[d] for d in rc]))
             n_out = int(np.prod([b.value.shape[d] for d in rest]))

@@ -338,6 +338,8 @@ _CASES = {
                             "aten.matmul.default"),
     "einsum kernel": (lambda p, x: jnp.einsum("bi,ihk->bhk", x, p["w"].reshape(4, 2, 2)),
                       "aten.linear.default"),
+    "einsum kernel, inner dim": (lambda p, x: jnp.einsum("bti,ij->btj", _lin(p, x).reshape(
+        -1, 2, 2).transpose(0, 2, 1), p["w"][:2]), "aten.linear.default"),
     "einsum kernel in": (lambda p, x: jnp.einsum("bhk,hkj->bj", _lin(p, x).reshape(-1, 2, 2),
                                                  p["w"].reshape(2, 2, 4)), "aten.linear.default"),
 }
