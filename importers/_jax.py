@@ -1051,3 +1051,8 @@ def import_jax(fn, params: Any, example_inputs: Any) -> Program:
     program = Program(tuple(inputs), tuple(t.constants), tuple(t.eqns), tuple(out_vars),
                       out_names, t.const_values, t.const_kinds)
     return program.validate()
+
+
+from ._jax_loops import attach as _attach_loops  # noqa: E402  (scan, while, cond, slice, split)
+
+_attach_loops(_Translator)
