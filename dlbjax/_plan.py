@@ -33,10 +33,11 @@ from .engine.interpret import constants_to_jax, missing_lowerings
 from .engine.relevance import relevance_row
 from .importers import (BoundInputs, bind_inputs, bind_jax_inputs, import_bound, import_jax,
                         static_experts_copy, tensor_to_numpy)
-from .ir import Program
+from .importers._jax_models import as_jax_function
+from .ir import Program, Source
 from .composites import resolve
 from .passes.canonize import fold_batch_norm
-from .passes.fuse import fuse_modules
+from .passes.fuse import _try_fuse, fuse_modules
 from .passes.magnitudes import precompute_magnitudes
 from .passes.moe import find_moe_layers
 from .passes.precision import resolve_compute_dtype
@@ -217,7 +218,6 @@ def prepare_jax(fn, params: Any, example_inputs: Any, config: Config) -> Plan:
     ``equinox.Module``; :func:`importers._jax_models.as_jax_function`, traced in inference mode
     on a copy): traced with ``jax.make_jaxpr`` on the example's first row (``batch_axis=0``), as
     the torch path exports one row."""
-    from .importers._jax_models import as_jax_function
     fn, params, model_name, modules = as_jax_function(fn, params,
                                                       batched=config.batch_axis == 0)
     names, arrays, as_kwargs = bind_jax_inputs(example_inputs)
@@ -247,7 +247,6 @@ def _module_sources(program: Program, modules: dict) -> Program:
     (``block/conv1``, Linen ``Model/block/conv1``) becomes the dotted module path
     (``block.conv1``, as the torch importer's) with the module's class as ``module_type``; the
     longest recorded prefix of the stack wins and the rest is kept after a ``/``."""
-    from .ir import Source
     changed, eqns = False, []
     for e in program.eqns:
         stack = e.source.module_path
@@ -271,7 +270,6 @@ def _fuse_batch_norms(program: Program) -> Program:
     constants; fused into one ``dlbjax.fused`` norm equation (the identity rule), as the torch
     importer's batch-norm op, so relevance matches torch's (``passes/fuse.py`` fuses the other
     written-out norms by class name; ``BatchNorm`` is not among its suffixes)."""
-    from .passes.fuse import _try_fuse
     consumers, outputs, const = program.consumers(), set(program.outputs), \
         set(program.constants)
     eqns, new, i, changed = list(program.eqns), [], 0, False
