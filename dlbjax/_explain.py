@@ -19,6 +19,7 @@ from ._config import Config
 from ._plan import Plan, prepare, prepare_jax
 from ._result import Explanation
 from ._runner import Runner
+from .importers._jax_models import is_jax_model, model_kind
 
 __all__ = ["explain", "Explainer"]
 
@@ -36,9 +37,18 @@ class Explainer:
     Arguments:
 
     - ``model``: a ``torch.nn.Module`` (never modified; one in training mode is exported from an
-      eval-mode copy), or a pure JAX function ``fn(params, *inputs)`` (``fn(params, **inputs)``
-      for a dict) with its parameter pytree as ``params=`` (traced with ``jax.make_jaxpr``,
-      ``dlbjax.importers.import_jax``; inputs are JAX or NumPy arrays).
+      eval-mode copy), or a JAX model, traced with ``jax.make_jaxpr``
+      (``dlbjax.importers.import_jax``; inputs are JAX or NumPy arrays): a ``flax.nnx.Module``,
+      a Flax Linen module as ``(module, variables)``, ``(module, variables, apply_kwargs)`` or
+      bound (``module.bind(variables)``), an ``equinox.Module`` (called per example: the row is
+      traced without its batch axis), all without ``params=``; or a pure function
+      ``fn(params, *inputs)`` (``fn(params, **inputs)`` for a dict) with its parameter pytree as
+      ``params=``. Native models are explained in inference mode (Dropout off, BatchNorm on
+      running statistics; Linen: ``train``/``training``/``is_training`` False, ``deterministic`` and
+      ``use_running_average`` True where ``__call__`` has them, unless ``apply_kwargs`` given) on
+      a copy, never modified; parameters are named by path (``conv1.kernel``). See
+      ``dlbjax.importers._jax_models``. ``params=`` with a model that holds its parameters, or a
+      function without ``params=``, raises TypeError.
     - ``example_inputs``: a tensor, a tuple of positional tensors or a dict of keyword tensors (a
       tokenizer's BatchEncoding works), with rows along axis 0 (``batch_axis=0``).
     - ``mode``: ``"default"`` or ``"contrastive"`` (``"contrast"``).
@@ -107,10 +117,16 @@ class Explainer:
             beta=beta, stabilizer=stabilizer, low=low, high=high, canonize=canonize)
         self._bucketing: Optional[Bucketing] = None
         self.runner: Optional[Runner] = None
-        if not isinstance(model, torch.nn.Module):  # a JAX function fn(params, *inputs)
-            if params is None:
+        if not isinstance(model, torch.nn.Module):
+            # a native JAX model (flax.nnx, Flax Linen (module, variables), equinox) or a JAX
+            # function fn(params, *inputs) with params=; wrong combinations raise TypeError
+            if params is None and not is_jax_model(model):
                 raise TypeError(f"expected a torch.nn.Module, or a function fn(params, *inputs) "
-                                f"with params=..., got {type(model).__name__}")
+                                f"with params=..., got {type(model).__name__}; native JAX models "
+                                f"(a flax.nnx.Module, a Flax Linen (module, variables) or bound "
+                                f"module, an equinox.Module) need no params="
+                                + (" (a Linen module needs its variables: pass (module, "
+                                   "variables))" if model_kind(model) == "linen-unbound" else ""))
             if self.config.buckets is not None:
                 raise ValueError("length buckets are available for torch models only")
             self.plan = prepare_jax(model, params, example_inputs, self.config)
@@ -234,10 +250,14 @@ def explain(model: Any, inputs: Any, *, params: Any = None, target: Any = None,
     default) or a gradient-family method (``"gradient"``, ``"gradient-x-input"``,
     ``"integrated-gradients"``, ``"smoothgrad"``; see :class:`Explainer` for their options).
 
+    ``model``: a ``torch.nn.Module``, a ``flax.nnx.Module``, a Flax Linen ``(module, variables)``
+    or bound module, an ``equinox.Module``, or a JAX function ``fn(params, *inputs)`` with
+    ``params=`` (details under :class:`Explainer`).
+
     ``inputs``: a tensor, a tuple of positional tensors or a dict of keyword tensors (a tokenizer's
-    BatchEncoding works), with rows along axis 0. ``target``: the class to explain (an int, one int
-    per row, or None for the argmax). Other options as for :class:`Explainer`. The model is not
-    modified.
+    BatchEncoding works; JAX or NumPy arrays for a JAX model), with rows along axis 0. ``target``:
+    the class to explain (an int, one int per row, or None for the argmax). Other options as for
+    :class:`Explainer`. The model is not modified.
     """
     explainer = Explainer(model, inputs, params=params, mode=mode, multiplier=multiplier, task=task,
                           layers=layers, method=method, **options)

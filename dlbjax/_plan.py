@@ -33,10 +33,11 @@ from .engine.interpret import constants_to_jax, missing_lowerings
 from .engine.relevance import relevance_row
 from .importers import (BoundInputs, bind_inputs, bind_jax_inputs, import_bound, import_jax,
                         static_experts_copy, tensor_to_numpy)
-from .ir import Program
+from .importers._jax_models import as_jax_function
+from .ir import Program, Source
 from .composites import resolve
 from .passes.canonize import fold_batch_norm
-from .passes.fuse import fuse_modules
+from .passes.fuse import _try_fuse, fuse_modules
 from .passes.magnitudes import precompute_magnitudes
 from .passes.moe import find_moe_layers
 from .passes.precision import resolve_compute_dtype
@@ -212,11 +213,13 @@ def prepare(model: torch.nn.Module, example_inputs: Any, config: Config) -> Plan
 
 def prepare_jax(fn, params: Any, example_inputs: Any, config: Config) -> Plan:
     """The JAX counterpart of :func:`prepare` for a pure function ``fn(params, *inputs)``
-    (``fn(params, **inputs)`` for a dict of inputs): traced with ``jax.make_jaxpr`` on the
-    example's first row (``batch_axis=0``), as the torch path exports one row."""
-    if not callable(fn):
-        raise TypeError(f"expected a torch.nn.Module or a function fn(params, *inputs), got "
-                        f"{type(fn).__name__}")
+    (``fn(params, **inputs)`` for a dict of inputs) or a native JAX model that holds its own
+    parameters (a ``flax.nnx.Module``, a Flax Linen ``(module, variables)`` or bound module, an
+    ``equinox.Module``; :func:`importers._jax_models.as_jax_function`, traced in inference mode
+    on a copy): traced with ``jax.make_jaxpr`` on the example's first row (``batch_axis=0``), as
+    the torch path exports one row."""
+    fn, params, model_name, modules = as_jax_function(fn, params,
+                                                      batched=config.batch_axis == 0)
     names, arrays, as_kwargs = bind_jax_inputs(example_inputs)
     if config.batch_axis == 0:
         sizes = {a.shape[0] if a.ndim > 0 else None for a in arrays}
@@ -230,11 +233,65 @@ def prepare_jax(fn, params: Any, example_inputs: Any, config: Config) -> Plan:
         arrays = [a[:1] for a in arrays]
     example = dict(zip(names, arrays)) if as_kwargs else \
         (arrays[0] if names == ["x"] else tuple(arrays))
-    program = fuse_modules(import_jax(fn, params, example))
+    program = import_jax(fn, params, example)
+    if modules:  # a Flax model: module paths and classes from its submodule calls
+        program = _fuse_batch_norms(_module_sources(program, modules))
+    program = fuse_modules(program)
     row_specs = tuple((v.name, tuple(v.shape), v.dtype) for v in program.inputs)
     program, compute_dtype = resolve_compute_dtype(program, config.compute_dtype)
-    return _derive(config, program, tuple(names), row_specs, compute_dtype,
-                   getattr(fn, "__name__", type(fn).__name__), None)
+    return _derive(config, program, tuple(names), row_specs, compute_dtype, model_name, None)
+
+
+def _module_sources(program: Program, modules: dict) -> Program:
+    """Each equation's ``Source`` from the Flax submodule it was traced in: the jaxpr name stack
+    (``block/conv1``, Linen ``Model/block/conv1``) becomes the dotted module path
+    (``block.conv1``, as the torch importer's) with the module's class as ``module_type``; the
+    longest recorded prefix of the stack wins and the rest is kept after a ``/``."""
+    changed, eqns = False, []
+    for e in program.eqns:
+        stack = e.source.module_path
+        parts = stack.split("/") if stack else []
+        for k in range(len(parts), 0, -1):
+            hit = modules.get("/".join(parts[:k]))
+            if hit is not None:
+                path = "/".join([hit[0]] + parts[k:])
+                e = dataclasses.replace(e, source=Source(module_path=path, module_type=hit[1]))
+                changed = True
+                break
+        eqns.append(e)
+    if not changed:
+        return program
+    return Program(program.inputs, program.constants, tuple(eqns), program.outputs,
+                   program.output_names, program.const_values, program.const_kinds).validate()
+
+
+def _fuse_batch_norms(program: Program) -> Program:
+    """A Flax BatchNorm in inference is written out as ``(x - mean) * scale' + bias`` with
+    constants; fused into one ``dlbjax.fused`` norm equation (the identity rule), as the torch
+    importer's batch-norm op, so relevance matches torch's (``passes/fuse.py`` fuses the other
+    written-out norms by class name; ``BatchNorm`` is not among its suffixes)."""
+    consumers, outputs, const = program.consumers(), set(program.outputs), \
+        set(program.constants)
+    eqns, new, i, changed = list(program.eqns), [], 0, False
+    while i < len(eqns):
+        e = eqns[i]
+        j = i
+        if e.source.module_type.rsplit(".", 1)[-1] == "BatchNorm":
+            while j + 1 < len(eqns) and eqns[j + 1].source == e.source:
+                j += 1
+        fused = _try_fuse(eqns[i:j + 1], "norm", None, consumers, outputs, const) \
+            if j > i else None
+        if fused is None:
+            new.append(e)
+            i += 1
+            continue
+        new.append(fused)
+        changed = True
+        i = j + 1
+    if not changed:
+        return program
+    return Program(program.inputs, program.constants, tuple(new), program.outputs,
+                   program.output_names, program.const_values, program.const_kinds).validate()
 
 
 # options that change the imported program itself; Plan.replace refuses them

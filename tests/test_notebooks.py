@@ -32,7 +32,7 @@ def test_the_notebooks_are_there():
     assert names == ["01_tabular_binary.ipynb", "02_images.ipynb", "03_bert_sentiment.ipynb",
                      "04_llama_generation.ipynb", "05_moe_experts.ipynb",
                      "06_dataset_vmap.ipynb", "07_detection.ipynb",
-                     "08_compare_methods.ipynb"], names
+                     "08_compare_methods.ipynb", "09_flax_nnx.ipynb"], names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
