@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import torch
-
 from . import _dataset
 from ._assemble import explain_rows
 from ._buckets import Bucketing
@@ -20,6 +18,7 @@ from ._plan import Plan, prepare, prepare_jax
 from ._result import Explanation
 from ._runner import Runner
 from .importers._jax_models import is_jax_model, model_kind
+from ._torch import is_module
 
 __all__ = ["explain", "Explainer"]
 
@@ -117,7 +116,7 @@ class Explainer:
             beta=beta, stabilizer=stabilizer, low=low, high=high, canonize=canonize)
         self._bucketing: Optional[Bucketing] = None
         self.runner: Optional[Runner] = None
-        if not isinstance(model, torch.nn.Module):
+        if not is_module(model):
             # a native JAX model (flax.nnx, Flax Linen (module, variables), equinox) or a JAX
             # function fn(params, *inputs) with params=; wrong combinations raise TypeError
             if params is None and not is_jax_model(model):

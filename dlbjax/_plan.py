@@ -20,8 +20,6 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-import torch
-import torch.utils._pytree as pytree
 
 from ._config import Config
 from ._errors import DtypeError, InputMismatchError, NonFiniteError, TargetError
@@ -31,8 +29,8 @@ from .engine.gradient import check_gradient_method, gradient_row
 from .engine.origins import constant_slots
 from .engine.interpret import constants_to_jax, missing_lowerings
 from .engine.relevance import relevance_row
-from .importers import (BoundInputs, bind_inputs, bind_jax_inputs, import_bound, import_jax,
-                        static_experts_copy, tensor_to_numpy)
+from . import importers  # its torch half (bind_inputs, import_bound, ...) loads on first use
+from .importers import bind_jax_inputs, import_jax
 from .importers._jax_models import as_jax_function
 from .ir import Program, Source
 from .composites import resolve
@@ -42,6 +40,7 @@ from .passes.magnitudes import precompute_magnitudes
 from .passes.moe import find_moe_layers
 from .passes.precision import resolve_compute_dtype
 from .rules import Options
+from ._torch import is_module, is_tensor
 
 __all__ = ["Plan", "prepare", "prepare_jax"]
 
@@ -127,7 +126,7 @@ class Plan:
         """Validate the caller's inputs against the example's rows; returns (one host array per
         input in the layout ``[rows, *row_shape]``, the number of rows). ``dataset``: with
         ``batch_axis=None``, a stack of examples along a new axis 0."""
-        if isinstance(inputs, (torch.Tensor, np.ndarray, jax.Array)):
+        if (isinstance(inputs, (np.ndarray, jax.Array)) or is_tensor(inputs)):
             given = {self.input_names[0]: inputs} if len(self.input_names) == 1 else None
             if given is None:
                 raise InputMismatchError(
@@ -135,9 +134,9 @@ class Plan:
                     "pass a tuple or a dict")
         elif isinstance(inputs, dict) or hasattr(inputs, "keys"):
             given = {str(k): v for k, v in dict(inputs).items()
-                     if isinstance(v, (torch.Tensor, np.ndarray, jax.Array))}
+                     if isinstance(v, (np.ndarray, jax.Array)) or is_tensor(v)}
         elif isinstance(inputs, (tuple, list)):
-            tensors = [v for v in inputs if isinstance(v, (torch.Tensor, np.ndarray, jax.Array))]
+            tensors = [v for v in inputs if isinstance(v, (np.ndarray, jax.Array)) or is_tensor(v)]
             if len(tensors) != len(self.input_names):
                 raise InputMismatchError(
                     f"expected {len(self.input_names)} tensor inputs {list(self.input_names)}, got "
@@ -155,10 +154,10 @@ class Plan:
         arrays, n_rows = [], None
         for name, shape, dtype in self.row_specs:
             value = given[name]
-            if isinstance(value, torch.Tensor) and value.device.type == "meta":
+            if is_tensor(value) and value.device.type == "meta":
                 raise InputMismatchError(f"input '{name}' is on the 'meta' device and holds no "
                                          "values; pass a tensor with data (e.g. on the CPU)")
-            arr = tensor_to_numpy(value) if isinstance(value, torch.Tensor) else np.asarray(value)
+            arr = importers.tensor_to_numpy(value) if is_tensor(value) else np.asarray(value)
             got_dtype = str(arr.dtype)
             if got_dtype != dtype:
                 raise InputMismatchError(f"input '{name}' has dtype {got_dtype}, the example had "
@@ -197,13 +196,14 @@ class Plan:
 
 def prepare(model: torch.nn.Module, example_inputs: Any, config: Config) -> Plan:
     """Import, analyse and check ``model`` on ``example_inputs`` (module docstring)."""
-    if not isinstance(model, torch.nn.Module):
+    if not is_module(model):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    bound = bind_inputs(model, example_inputs)
+    bound = importers.bind_inputs(model, example_inputs)
     _check_devices(model, bound)
     args, kwargs, _ = _row_slice(bound, config.batch_axis)
-    program = fuse_modules(import_bound(static_experts_copy(model),
-                                        BoundInputs(args, kwargs, bound.names, [])))
+    program = fuse_modules(importers.import_bound(importers.static_experts_copy(model),
+                                                  importers.BoundInputs(args, kwargs, bound.names,
+                                                                        [])))
     # callers pass the model's own dtypes; half precision is computed in compute_dtype
     row_specs = tuple((v.name, tuple(v.shape), v.dtype) for v in program.inputs)
     program, compute_dtype = resolve_compute_dtype(program, config.compute_dtype)
@@ -385,8 +385,9 @@ def _row_slice(bound, batch_axis):
         raise InputMismatchError("the inputs are an empty batch (0 rows)")
 
     def first(x):
-        return x[:1] if isinstance(x, torch.Tensor) else x
+        return x[:1] if is_tensor(x) else x
 
+    import torch.utils._pytree as pytree  # a torch model is being prepared
     return pytree.tree_map(first, bound.args), pytree.tree_map(first, bound.kwargs), n
 
 

@@ -593,6 +593,11 @@ class _Translator:
             a, b = b, a
         if a is not result or not isinstance(b, _Folded) or tuple(out.shape) != tuple(result.shape):
             return None
+        if b.origin is None:
+            # only a parameter (or a value computed from one parameter) is a layer's bias: a
+            # constant computed from several (e.g. a recurrent term W_hh h_0 + b_hh with h_0 = 0)
+            # or a literal stays its own addition (spec §10 R1 keeps b_hh in the recurrent part)
+            return None
         value = b.value
         if value.ndim > len(result.shape):
             return None
@@ -600,8 +605,11 @@ class _Translator:
         ax = axis % len(result.shape)
         if any(s != 1 for i, s in enumerate(value.shape) if i != ax):
             return None
-        vec = np.broadcast_to(value.reshape(-1), (result.shape[ax],)).astype(value.dtype)
-        bias = self.constant(_Folded(np.ascontiguousarray(vec), b.origin))
+        n = result.shape[ax]
+        # one constant per (value, length): the same bias added at every step of an unrolled
+        # loop stays one constant
+        bias = self.relaid(b, ("bias", n), lambda v: np.broadcast_to(
+            np.asarray(v).reshape(-1), (n,)).astype(v.dtype))
         eq = self.eqns[idx]
         args = list(eq.args)
         args[2] = bias

@@ -43,7 +43,7 @@ from typing import Any, Callable, Optional
 
 import jax
 
-from ._bind import path_name
+from ._names import path_name
 
 __all__ = ["as_jax_function", "is_jax_model", "model_kind"]
 

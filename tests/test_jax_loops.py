@@ -11,9 +11,8 @@ rule) and of the same LSTM written out by hand in torch (two ``nn.Linear`` and a
 with the weights copied across. §10 R1 makes the whole-op rule exactly the composition of the
 generic rules over this decomposition (the two biases each in their own dense rule, the zero
 initial state a constant, R3), so all three give the same relevance, in both modes. flax's
-``nnx.RNN(nnx.OptimizedLSTMCell)`` imports and runs (forward equal to torch), but its relevance at
-t = 0 differs while the bias folding of ``importers/_jax.py`` moves b_hh into the input part
-(the xfail below says why).
+``nnx.RNN(nnx.OptimizedLSTMCell)`` imports and runs (forward equal to torch), and its relevance equals
+torch's at every step (the first step's constant recurrent term stays an addition of its own).
 """
 
 from __future__ import annotations
@@ -190,11 +189,6 @@ def _flax_lstm(seed=2):
     return (lambda state, x: nnx.merge(graph, state)(x)), state, params
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "importers/_jax.py fold_bias folds the first step's constant recurrent term "
-    "dense_h(0) = b_hh into the preceding bias-free dense_i linear as its bias (b_hh moved into "
-    "the input part, which spec §10 R1 rules out), so relevance at t = 0 differs; the forward "
-    "and t > 0 agree. Needs fold_bias to fold only a parameter bias, not a computed constant."))
 @pytest.mark.parametrize("mode", ["default", "contrastive"])
 def test_flax_nnx_rnn_lstm_equals_torch(lstm_case, mode):
     _, x = lstm_case
@@ -207,7 +201,9 @@ def test_flax_nnx_rnn_lstm_equals_torch(lstm_case, mode):
     et = dlbjax.explain(tmodel, torch.from_numpy(x), mode=mode)
     _close(ej.prediction, et.prediction)
     _close(np.asarray(ej.relevance["x"])[..., 1:, :], np.asarray(et.relevance["x"])[..., 1:, :])
-    _close(ej.relevance["x"], et.relevance["x"])  # t = 0: the xfail reason
+    # t = 0 too: the first step's constant recurrent term (W_hh h_0 + b_hh, h_0 = 0) is not
+    # folded into the input projection as its bias (importers/_jax.py fold_bias, §10 R1)
+    _close(ej.relevance["x"], et.relevance["x"])
 
 
 def test_scan_equals_python_loop(lstm_case):
