@@ -308,3 +308,31 @@ def test_replace_and_batch_work_on_a_jax_plan(mlp_case):
     contrastive = ex.replace(mode="contrastive")
     et = dlbjax.explain(tmodel, torch.from_numpy(x), mode="contrastive")
     _close(contrastive(x).relevance["x"], et.relevance["input"])
+
+
+def test_a_jax_model_needs_no_torch():
+    """Explaining a JAX function or a Flax NNX module never imports torch: run in a process
+    where ``import torch`` fails."""
+    import subprocess
+    import sys
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None  # any import of torch now raises ImportError\n"
+        "import jax, numpy as np\n"
+        "from flax import nnx\n"
+        "import dlbjax\n"
+        "def f(p, x):\n"
+        "    return jax.nn.relu(x @ p['w'] + p['b']) @ p['v']\n"
+        "rng = np.random.default_rng(0)\n"
+        "p = {'w': rng.normal(size=(3, 4)).astype('float32'), 'b': np.zeros(4, 'float32'),\n"
+        "     'v': rng.normal(size=(4, 2)).astype('float32')}\n"
+        "x = rng.normal(size=(5, 3)).astype('float32')\n"
+        "e = dlbjax.explain(f, x, params=p, mode='contrastive')\n"
+        "assert np.asarray(e.relevance['x']).shape == (2, 5, 3)\n"
+        "m = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.relu,\n"
+        "                   nnx.Linear(4, 2, rngs=nnx.Rngs(1)))\n"
+        "e = dlbjax.Explainer(m, x, method='lrp-epsilon')(x)\n"
+        "assert np.isfinite(np.asarray(e.relevance['x'])).all()\n"
+        "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
