@@ -1061,6 +1061,43 @@ def import_jax(fn, params: Any, example_inputs: Any) -> Program:
     return program.validate()
 
 
+# what each handled lax primitive becomes (README's "lax primitives" table, tools/ops_table.py;
+# tests/test_jax_import.py checks these keys are exactly the handled primitives)
+PRIMITIVE_MAP = {
+    "dot_general": "aten.linear (constant kernel, any rank; a following bias folded in), "
+                   "aten.matmul (two activations, batch dims included)",
+    "conv_general_dilated": "aten.convolution (any layout via permutes; lhs_dilation -> "
+                            "transposed; feature groups)",
+    "reduce_window_max": "aten.max_pool{1,2,3}d (padding, window dilation)",
+    "reduce_window_sum": "aten.avg_pool{1,2,3}d x window size",
+    "add": "aten.add (or the bias of the affine op before)", "sub": "aten.sub / aten.rsub",
+    "mul": "aten.mul", "div": "aten.div", "max": "aten.maximum (max(x, 0): aten.relu)",
+    "min": "aten.minimum", "integer_pow": "aten.pow", "square": "aten.pow",
+    **{p: op.replace(".default", "") for p, op in _UNARY.items()},
+    "reduce_sum": "aten.sum", "reduce_max": "aten.amax",
+    "reshape": "aten.view", "squeeze": "aten.view", "broadcast_in_dim": "aten.view + aten.expand",
+    "transpose": "aten.permute", "convert_element_type": "aten._to_copy",
+    "copy": "identity", "copy_p": "identity",
+    "slice": "aten.slice", "dynamic_slice": "aten.slice (constant starts)",
+    "dynamic_update_slice": "aten.slice_scatter (constant starts)", "split": "aten.slice",
+    "concatenate": "aten.cat", "stack": "aten.stack", "rev": "aten.flip",
+    "pad": "aten.constant_pad_nd (non-negative, no interior)",
+    "gather": "aten.embedding (constant table, integer ids), aten.index_select (constant "
+              "indices)",
+    "select_n": "aten.where", "eq": "aten.eq", "ne": "aten.ne", "lt": "aten.lt",
+    "le": "aten.le", "gt": "aten.gt", "ge": "aten.ge",
+    "and": "aten.logical_and / bitwise_and", "or": "aten.logical_or / bitwise_or",
+    "not": "aten.logical_not / bitwise_not",
+    "scan": "unrolled over its static length (aten.select per step, aten.stack of ys)",
+    "while": "unrolled when its trip count is static; a data-dependent bound raises",
+    "cond": "the branch of a constant predicate; a data-dependent predicate raises",
+    **{p: "inlined" for p in _INLINE},
+    **{f"{p} (jax.nn)": op.replace(".default", "") for p, op in _NAMED.items()},
+    "softmax (written out)": "aten.softmax", "gelu (written out, both forms)": "aten.gelu",
+    "layer norm / RMS norm (written out, flax forms)": "aten.layer_norm / aten.rms_norm",
+}
+
+
 from ._jax_loops import attach as _attach_loops  # noqa: E402  (scan, while, cond, slice, split)
 
 _attach_loops(_Translator)

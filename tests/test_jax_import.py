@@ -336,3 +336,11 @@ def test_a_jax_model_needs_no_torch():
         "print('ok')\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
+def test_the_primitive_table_lists_exactly_the_handled_primitives():
+    """README's lax table (importers/_jax.py PRIMITIVE_MAP) names every primitive with a
+    handler or an inlined call, and nothing else (patterns are marked by a space)."""
+    from dlbjax.importers._jax import _INLINE, PRIMITIVE_MAP, _Translator
+    handled = {n[2:] for n in dir(_Translator) if n.startswith("p_")} | set(_INLINE)
+    assert {k for k in PRIMITIVE_MAP if " " not in k} == handled

@@ -38,7 +38,7 @@ def test_ops_table_covers_every_registered_op():
     from dlbjax.rules import RULES
 
     table = _ops_table_module().ops_table()
-    body = table.splitlines()[2:]
+    body = table.split("\n\n", 1)[0].splitlines()[2:]  # the ATen table (the lax one follows)
     seen = []
     for row in body:
         cells = [c.strip() for c in row.strip("|").split(" | ")]

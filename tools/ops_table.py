@@ -11,7 +11,8 @@ Columns: ``ops``; ``family`` (``dlbjax/lowerings/<family>.py`` and ``rules/<fami
 ``activation`` for ops that supply a gate to their producer, ``other`` for the rest);
 ``contrastive`` (``own rule`` where the rule has a dedicated contrastive function, ``per stream``
 where the default rule is applied to each stream); ``LRP family`` and ``AttnLRP`` (the rule
-``lrp-epsilon`` / ``attnlrp`` runs for the op: its own, DLB's shared one, or none). ``tests/test_readme.py`` fails when README.md
+``lrp-epsilon`` / ``attnlrp`` runs for the op: its own, DLB's shared one, or none). A second table lists the
+lax primitives the JAX importer maps onto these ops. ``tests/test_readme.py`` fails when README.md
 differs from this output.
 """
 
@@ -64,6 +65,19 @@ def ops_table() -> str:
         lines.append(f"| {names} | {rule.family} | {section} | {_kind(rule)} | "
                      f"{_contrastive(rule)} | {_method(ops, 'lrp-epsilon')} | "
                      f"{_method(ops, 'attnlrp')} |")
+    return "\n".join(lines) + "\n\n" + lax_table()
+
+
+def lax_table() -> str:
+    """The JAX importer's table: each lax primitive (or recognised pattern) and the IR op it
+    becomes (``importers/_jax.py`` ``PRIMITIVE_MAP``), so the rules above apply to it."""
+    from dlbjax.importers._jax import PRIMITIVE_MAP
+
+    lines = ["JAX models (`importers/_jax.py`): each lax primitive becomes the IR op(s) above.",
+             "",
+             "| lax primitive | IR op |", "| --- | --- |"]
+    for prim, op in PRIMITIVE_MAP.items():
+        lines.append(f"| `{prim}` | {op.replace('|', chr(92) + '|')} |")
     return "\n".join(lines)
 
 
