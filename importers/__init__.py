@@ -14,8 +14,11 @@ The torch half is loaded on first use of one of its names (``import_model``, ``b
 
 from __future__ import annotations
 
-from ._jax import bind_jax_inputs, import_jax
+from ._jax import _Translator, bind_jax_inputs, import_jax
+from ._jax_loops import attach as _attach_loops
 from ._names import path_name
+
+_attach_loops(_Translator)  # scan, while, cond (importers/_jax_loops.py builds on _jax)
 
 # names of the torch importer, loaded from ._torch on first access (PEP 562)
 TORCH_NAMES = ("import_model", "import_bound", "bind_inputs", "BoundInputs", "export_model",

@@ -1096,8 +1096,3 @@ PRIMITIVE_MAP = {
     "softmax (written out)": "aten.softmax", "gelu (written out, both forms)": "aten.gelu",
     "layer norm / RMS norm (written out, flax forms)": "aten.layer_norm / aten.rms_norm",
 }
-
-
-from ._jax_loops import attach as _attach_loops  # noqa: E402  (scan, while, cond, slice, split)
-
-_attach_loops(_Translator)
