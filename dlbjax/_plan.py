@@ -36,7 +36,7 @@ from .ir import Program, Source
 from .composites import resolve
 from .passes.canonize import fold_batch_norm
 from .lowerings.fused import FUSED_OP
-from .passes.fuse import _try_fuse, fuse_modules
+from .passes.fuse import fuse_modules
 from .passes.magnitudes import precompute_magnitudes
 from .passes.moe import find_moe_layers
 from .passes.precision import resolve_compute_dtype
@@ -236,7 +236,7 @@ def prepare_jax(fn, params: Any, example_inputs: Any, config: Config) -> Plan:
         (arrays[0] if names == ["x"] else tuple(arrays))
     program = import_jax(fn, params, example)
     if modules:  # a Flax model: module paths and classes from its submodule calls
-        program = _fuse_batch_norms(_module_sources(program, modules))
+        program = fuse_modules(_module_sources(program, modules), _flax_batch_norm)
     program = fuse_modules(program)
     row_specs = tuple((v.name, tuple(v.shape), v.dtype) for v in program.inputs)
     program, compute_dtype = resolve_compute_dtype(program, config.compute_dtype)
@@ -266,38 +266,17 @@ def _module_sources(program: Program, modules: dict) -> Program:
                    program.output_names, program.const_values, program.const_kinds).validate()
 
 
-def _fuse_batch_norms(program: Program) -> Program:
+def _flax_batch_norm(module_type: str):
     """A Flax BatchNorm in inference is written out as ``(x - mean) * scale' + bias`` with
     constants; fused into one ``dlbjax.fused`` norm equation (the identity rule), as the torch
     importer's batch-norm op, so relevance matches torch's (``passes/fuse.py`` fuses the other
     written-out norms by class name; ``BatchNorm`` is not among its suffixes)."""
-    consumers, outputs, const = program.consumers(), set(program.outputs), \
-        set(program.constants)
-    eqns, new, i, changed = list(program.eqns), [], 0, False
-    while i < len(eqns):
-        e = eqns[i]
-        j = i
-        if e.source.module_type.rsplit(".", 1)[-1] == "BatchNorm":
-            while j + 1 < len(eqns) and eqns[j + 1].source == e.source:
-                j += 1
-        fused = _try_fuse(eqns[i:j + 1], "norm", None, consumers, outputs, const) \
-            if j > i else None
-        if fused is None:
-            new.append(e)
-            i += 1
-            continue
-        new.append(fused)
-        changed = True
-        i = j + 1
-    if not changed:
-        return program
-    return Program(program.inputs, program.constants, tuple(new), program.outputs,
-                   program.output_names, program.const_values, program.const_kinds).validate()
+    return ("norm", None) if module_type.rsplit(".", 1)[-1] == "BatchNorm" else (None, None)
 
 
 def _refuse_fused_batch_norms(program: Program, method: str) -> None:
     """The LRP family canonizes batch norms by folding them into the layer before; a Flax
-    BatchNorm arrives written out and fused (:func:`_fuse_batch_norms`), which that pass does
+    BatchNorm arrives written out and fused (:func:`_flax_batch_norm`), which that pass does
     not fold yet, and its rule would pass relevance through unscaled: refused rather than a
     silently different answer from the torch twin's (measured: 18x under lrp-epsilon)."""
     for e in program.eqns:

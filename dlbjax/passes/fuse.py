@@ -38,8 +38,11 @@ def _kind(module_type: str):
     return None, None
 
 
-def fuse_modules(program: Program) -> Program:
-    """A new program with known written-out activation/norm modules fused (the input is kept)."""
+def fuse_modules(program: Program, kind_of=None) -> Program:
+    """A new program with known written-out activation/norm modules fused (the input is kept).
+    ``kind_of(module_type) -> (kind, gate)`` picks the modules (default: the known torch and
+    Hugging Face classes)."""
+    kind_of = kind_of or _kind
     consumers = program.consumers()
     outputs = set(program.outputs)
     const = set(program.constants)
@@ -49,7 +52,7 @@ def fuse_modules(program: Program) -> Program:
     changed = False
     while i < len(eqns):
         e = eqns[i]
-        kind, gate = _kind(e.source.module_type)
+        kind, gate = kind_of(e.source.module_type)
         j = i
         while kind and j + 1 < len(eqns) and eqns[j + 1].source == e.source:
             j += 1
