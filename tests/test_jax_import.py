@@ -14,6 +14,7 @@ import torch.nn as nn
 
 import dlbjax
 from dlbjax.importers import import_jax
+from twins import close as _close
 
 
 # ---- the MLP -----------------------------------------------------------------------------------
@@ -86,11 +87,6 @@ class TorchCNN(nn.Module):
         return self.dense(y.permute(0, 2, 3, 1).flatten(1))  # flatten in NHWC order, as JAX
 
 
-def _close(a, b, rtol=1e-5):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert a.shape == b.shape and np.abs(b).max() > 0
-    scale = max(np.abs(b).max(), 1e-12)
-    np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * scale)
 
 
 @pytest.fixture(scope="module")

@@ -20,15 +20,11 @@ import torch.nn.functional as F
 
 import dlbjax
 from dlbjax.importers import import_jax
+from twins import close as _close
 
 V, T, D, H = 20, 6, 16, 2
 
 
-def _close(a, b, rtol=1e-5):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert a.shape == b.shape and np.abs(b).max() > 0
-    scale = max(np.abs(b).max(), 1e-12)
-    np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * scale)
 
 
 def _rng_params(shapes, seed):
