@@ -276,17 +276,20 @@ def _flax_batch_norm(module_type: str):
 
 def _refuse_fused_batch_norms(program: Program, method: str) -> None:
     """The LRP family canonizes batch norms by folding them into the layer before; a Flax
-    BatchNorm arrives written out and fused (:func:`_flax_batch_norm`), which that pass does
-    not fold yet, and its rule would pass relevance through unscaled: refused rather than a
-    silently different answer from the torch twin's (measured: 18x under lrp-epsilon)."""
+    BatchNorm arrives written out and fused (:func:`_flax_batch_norm`), which
+    ``passes/canonize.py`` folds when it directly follows a dense layer or a convolution (and
+    its channel-last permute). One left (not after such a layer, or ``canonize=False``) would
+    pass relevance through as the fused identity: refused rather than an unverified answer (an
+    unfolded one was measured 18x the torch twin's under lrp-epsilon)."""
     for e in program.eqns:
         body = e.kwargs.get("body") if e.op == FUSED_OP else None
         if body is not None and body.kind == "norm" \
                 and e.source.module_type.rsplit(".", 1)[-1] == "BatchNorm":
             raise MethodError(
                 f"method {method!r} cannot canonize the Flax BatchNorm at "
-                f"'{e.source.module_path}' yet (it is fused from its written-out equations, "
-                "and LRP rules need it folded into the layer before); use the DLB rules "
+                f"'{e.source.module_path}': LRP rules need it folded into the layer before, "
+                "and it does not directly follow a dense layer or a convolution (or "
+                "canonize=False); use the DLB rules "
                 "(method='dlb', the default), a gradient method, or the torch version of the "
                 "model")
 
@@ -303,9 +306,9 @@ def _derive(config: Config, program: Program, input_names: tuple, row_specs: tup
     imported = program
     composite = config.composite
     if composite is not None:  # the LRP family: its rules chosen per equation
-        _refuse_fused_batch_norms(program, config.method_name)
         if composite.canonize:
             program, _ = fold_batch_norm(program)
+        _refuse_fused_batch_norms(program, config.method_name)
         # Options.method names the method in reports; every equation's rule is in choices
         options = dataclasses.replace(options, method=config.method_name,
                                       choices=resolve(composite, program))

@@ -201,18 +201,63 @@ def test_nnx_mlp_other_methods_equal_torch(mlp_case, method):
     _close(ej.relevance["x"], et.relevance["input"])
 
 
-def test_lrp_on_a_flax_batch_norm_is_refused_not_wrong(cnn_case):
+LRP_METHODS = ["lrp-epsilon", "epsilon-plus-flat", "epsilon-gamma-box", "epsilon-alpha2-beta1"]
+
+
+def _lrp_kwargs(method):
+    return dict(low=-4.0, high=4.0) if "box" in method else {}
+
+
+@pytest.mark.parametrize("method", LRP_METHODS)
+def test_lrp_on_a_flax_batch_norm_folds_it_as_torch(cnn_case, method):
     """The LRP family folds batch norms into the layer before (canonize); a Flax BatchNorm is
-    fused from its written-out equations and not folded yet, so LRP methods raise (they gave
-    18x torch's relevance); DLB and the gradient family work on it."""
+    fused from its written-out equations and folded through the conv's channel-last permute
+    (passes/canonize.py), so the relevance equals the torch twin's, whose BatchNorm2d is
+    folded (unfolded, it was 18x off)."""
     m, x, t = cnn_case
-    for method in ("lrp-epsilon", "epsilon-plus-flat"):
-        with pytest.raises(dlbjax.MethodError, match="BatchNorm"):
-            dlbjax.explain(m, x, method=method)
+    kw = _lrp_kwargs(method)
+    ex = dlbjax.Explainer(m, x, method=method, **kw)
+    assert not any(e.op == "dlbjax.fused" and e.source.module_path.startswith("bn")
+                   for e in ex.plan.program.eqns)  # both batch norms folded
+    ej = ex(x)
+    et = dlbjax.explain(t, torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), method=method, **kw)
+    _close(ej.prediction, _eval_forward(m, x))
+    _close(ej.relevance["x"], _nchw_to_nhwc(np.asarray(et.relevance["x"])))
+
+
+def test_dlb_and_gradient_methods_keep_the_flax_batch_norm_fused(cnn_case):
+    m, x, t = cnn_case
+    ex = dlbjax.Explainer(m, x)
+    assert sum(e.op == "dlbjax.fused" and e.source.module_path.startswith("bn")
+               for e in ex.plan.program.eqns) == 2
     ej = dlbjax.explain(m, x, method="gradient-x-input")
     et = dlbjax.explain(t, torch.from_numpy(x.transpose(0, 3, 1, 2).copy()),
                         method="gradient-x-input")
     _close(ej.relevance["x"], _nchw_to_nhwc(np.asarray(et.relevance["x"])))
+
+
+class NnxBnAfterRelu(nnx.Module):
+    """A BatchNorm after an activation: nothing affine directly before it to fold into."""
+
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(3, 4, (3, 3), padding="SAME", rngs=rngs)
+        self.bn = nnx.BatchNorm(4, rngs=rngs)
+        self.dense = nnx.Linear(4 * 4 * 4, 3, rngs=rngs)
+
+    def __call__(self, x):
+        h = self.bn(nnx.relu(self.conv(x)))
+        return self.dense(h.reshape(h.shape[0], -1))
+
+
+def test_lrp_on_a_flax_batch_norm_that_cannot_fold_is_refused():
+    m = NnxBnAfterRelu(nnx.Rngs(0))
+    _randomize_bn(m.bn, np.random.default_rng(3))
+    x = np.random.default_rng(4).normal(size=(2, 4, 4, 3)).astype(np.float32)
+    for method in ("lrp-epsilon", "epsilon-plus-flat"):
+        with pytest.raises(dlbjax.MethodError, match="BatchNorm at 'bn'"):
+            dlbjax.explain(m, x, method=method)
+    e = dlbjax.explain(m, x)  # DLB explains it
+    assert np.isfinite(np.asarray(e.relevance["x"])).all()
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -383,6 +428,15 @@ def test_linen_cnn_equals_torch(linen_case, mode):
     _close(ej.prediction, module.apply(v, x, train=False))
     _close(ej.prediction, et.prediction)
     _close(_streams(ej.relevance["x"]), _streams(et.relevance["x"], _nchw_to_nhwc))
+
+
+@pytest.mark.parametrize("method", ["lrp-epsilon", "epsilon-alpha2-beta1"])
+def test_linen_batch_norm_folds_under_lrp_as_torch(linen_case, method):
+    module, v, x, t = linen_case
+    ej = dlbjax.explain((module, v), x, method=method)
+    et = dlbjax.explain(t, torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), method=method)
+    _close(ej.prediction, module.apply(v, x, train=False))
+    _close(ej.relevance["x"], _nchw_to_nhwc(np.asarray(et.relevance["x"])))
 
 
 def test_linen_bound_and_apply_kwargs(linen_case):

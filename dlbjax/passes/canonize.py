@@ -12,6 +12,15 @@ the folded layer, and the forward equals the unfolded one up to rounding.
 A batch norm is folded when its input is the output of ``aten.linear`` or a non-transposed
 convolution used by nothing else and not returned, and its statistics outputs are unused;
 every other batch norm stays (the LRP family passes relevance through it unchanged).
+
+A Flax BatchNorm arrives written out (``(x - mean) * k + beta``, ``k = scale * rsqrt(var +
+eps)`` folded on the host) and fused into one ``dlbjax.fused`` norm equation
+(``_plan._flax_batch_norm``): :func:`fold_batch_norm` folds it too when its body is a chain of
+``sub``/``mul``/``add``/``div`` by per-channel constants (channel last) and its input is the
+output of ``aten.linear`` or of the channel-last permute (``[0, 2, .., n-1, 1]``) of a
+non-transposed convolution, each used by nothing else: the per-channel map ``y = x a + c`` is
+built from the body's constants and merged as ``W' = W a``, ``b' = b a + c``; the permute is
+re-emitted after the folded convolution.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from __future__ import annotations
 from typing import Optional
 
 from dlbjax.ir import Eqn, Program, Var
+from dlbjax.lowerings.fused import FUSED_OP
 
 __all__ = ["fold_batch_norm", "BATCH_NORMS"]
 
@@ -75,12 +85,18 @@ def fold_batch_norm(program: Program) -> tuple[Program, int]:
             continue
         folds[id(prod)] = (bn, parts)
         dropped.add(id(bn))
-    if not folds:
+    affines = _fused_affines(program, producers, consumers, outputs, folds)
+    if not folds and not affines:
         return program, 0
 
     new_eqns: list[Eqn] = []
+    for e in affines.values():
+        dropped.update(id(d) for d in e[1])
     for eqn in program.eqns:
         if id(eqn) in dropped:
+            continue
+        if id(eqn) in affines:
+            new_eqns.extend(_fold_affine(eqn, *affines[id(eqn)]))
             continue
         if id(eqn) not in folds:
             new_eqns.append(eqn)
@@ -133,4 +149,134 @@ def fold_batch_norm(program: Program) -> tuple[Program, int]:
         new_eqns.append(Eqn(eqn.op, tuple(args), kwargs, (out,), eqn.source))
     folded = Program(program.inputs, program.constants, tuple(new_eqns), program.outputs,
                      program.output_names, program.const_values, program.const_kinds)
-    return folded.validate(), len(folds)
+    return folded.validate(), len(folds) + len(affines)
+
+
+_AFFINE_STEPS = ("aten.sub.Tensor", "aten.mul.Tensor", "aten.add.Tensor", "aten.div.Tensor")
+
+
+def _is_flax_batch_norm(eqn: Eqn) -> bool:
+    body = eqn.kwargs.get("body") if eqn.op == FUSED_OP else None
+    return body is not None and body.kind == "norm" \
+        and eqn.source.module_type.rsplit(".", 1)[-1] == "BatchNorm"
+
+
+def _channel_steps(body, x: Var, constants, channels: int):
+    """``[(op, constant, constant first)]`` of a fused body that is a chain of per-channel
+    (channel-last) affine steps from its variable input ``x``, or None."""
+    cur = x
+    steps = []
+    for e in body.eqns:
+        if e.op not in _AFFINE_STEPS or len(e.args) != 2 or e.kwargs:
+            return None
+        a, b = e.args
+        if a == cur and isinstance(b, Var) and b in constants:
+            k, first = b, False
+        elif b == cur and isinstance(a, Var) and a in constants \
+                and e.op in ("aten.mul.Tensor", "aten.add.Tensor"):
+            k, first = a, True
+        else:
+            return None
+        if not k.shape or k.shape[-1] != channels or any(d != 1 for d in k.shape[:-1]):
+            return None
+        steps.append((e.op, k, first))
+        cur = e.outputs[0]
+    return steps if cur == body.output and steps else None
+
+
+def _fused_affines(program: Program, producers, consumers, outputs, folds) -> dict:
+    """id(affine eqn) -> (fused batch norm, equations dropped, permute or None, steps)."""
+    constants = set(program.constants)
+    found: dict = {}
+    for bn in program.eqns:
+        if not _is_flax_batch_norm(bn):
+            continue
+        body = bn.kwargs["body"]
+        variable = [v for v in body.inputs if v not in constants]
+        if len(variable) != 1:
+            continue
+        x = variable[0]
+        if x in outputs or len(consumers.get(x, [])) != 1:
+            continue
+        prod, perm = producers.get(x), None
+        if prod is not None and prod.op == "aten.permute.default":
+            n = len(x.shape)
+            if list(prod.args[1]) != [0] + list(range(2, n)) + [1]:
+                continue
+            perm, y = prod, prod.args[0]
+            if not isinstance(y, Var) or y in outputs or len(consumers.get(y, [])) != 1:
+                continue
+            prod = producers.get(y)
+            if prod is None or prod.op == "aten.linear.default":
+                continue
+        if prod is None or _bias_slot(prod) is None or id(prod) in folds or id(prod) in found \
+                or not isinstance(prod.args[1], Var):
+            continue
+        steps = _channel_steps(body, x, constants, prod.args[1].shape[0])
+        if steps is None:
+            continue
+        found[id(prod)] = (bn, (bn,) + ((perm,) if perm is not None else ()), perm, steps)
+    return found
+
+
+def _fold_affine(eqn: Eqn, bn: Eqn, _dropped, perm, steps) -> list:
+    """The affine ``eqn`` with the per-channel map of the fused batch norm ``bn`` merged in,
+    then ``perm`` (re-emitted onto the batch norm's output) when there is one."""
+    src, out = bn.source, bn.outputs[0]
+    weight = eqn.args[1]
+    slot = _bias_slot(eqn)
+    bias = eqn.args[slot] if len(eqn.args) > slot else eqn.kwargs.get("bias")
+    c = (weight.shape[0],)
+    dt = weight.dtype
+    tag = out.name
+    new: list = []
+    count = [0]
+
+    def v(suffix, shape=c):
+        count[0] += 1
+        return Var(f"{tag}.fold_{suffix}{count[0]}", tuple(shape), dt)
+
+    def emit(op, *args, shape=c):
+        o = v(op.split(".")[1], shape)
+        new.append(Eqn(op, args, {}, (o,), src))
+        return o
+
+    scale, shift = None, None  # y = x * scale + shift (None: 1 and 0)
+    for op, k, first in steps:
+        k = emit("aten.view.default", k, list(c)) if k.shape != c else k
+        if op == "aten.mul.Tensor":
+            scale = k if scale is None else emit(op, scale, k)
+            shift = None if shift is None else emit(op, shift, k)
+        elif op == "aten.div.Tensor":
+            scale = emit("aten.reciprocal.default", k) if scale is None else emit(op, scale, k)
+            shift = None if shift is None else emit(op, shift, k)
+        elif op == "aten.add.Tensor":
+            shift = k if shift is None else emit(op, shift, k)
+        else:  # sub
+            shift = emit("aten.neg.default", k) if shift is None else emit(op, shift, k)
+    w2 = weight
+    if scale is not None:
+        col = [c[0]] + [1] * (len(weight.shape) - 1)
+        w2 = emit("aten.mul.Tensor", weight, emit("aten.view.default", scale, col, shape=col),
+                  shape=weight.shape)
+    b2 = bias if isinstance(bias, Var) else None
+    if b2 is not None and scale is not None:
+        b2 = emit("aten.mul.Tensor", b2, scale)
+    if shift is not None:
+        b2 = shift if b2 is None else emit("aten.add.Tensor", b2, shift)
+    args = list(eqn.args)
+    args[1] = w2
+    kwargs = dict(eqn.kwargs)
+    if len(args) > slot:
+        args[slot] = b2
+    else:
+        while len(args) < slot:
+            args.append(None)
+        args.append(b2)
+        kwargs.pop("bias", None)
+    if perm is None:
+        new.append(Eqn(eqn.op, tuple(args), kwargs, (out,), eqn.source))
+    else:
+        new.append(Eqn(eqn.op, tuple(args), kwargs, eqn.outputs, eqn.source))
+        new.append(Eqn(perm.op, perm.args, perm.kwargs, (out,), perm.source))
+    return new
