@@ -30,8 +30,16 @@ modified (the function works on a copy made inside the trace):
   example row without its batch axis (the outputs get it back; the compiled pass maps over the
   rows, as ``jax.vmap(model)``); with ``batch_axis=None`` it is called on the example as given.
   ``eqx.nn.Conv*`` layers (zero padding) are traced with their bias added right after the
-  convolution, for the same reason. Equinox gives no
-  name stacks: ``Source.module_path`` is empty.
+  convolution, for the same reason. A stateful model (``eqx.nn.BatchNorm``) is passed as
+  ``(model, state)`` (``eqx.nn.make_with_state``): it is called as ``model(x, state)`` and its
+  first output explained; the state's arrays are constants named by the ``StateIndex`` that
+  reads them (``bn.ema_state_index.0`` the running mean, ``.1`` the variance), set on a copy of
+  the state (``State.set`` would invalidate the user's). Submodule calls run in
+  ``jax.named_scope`` of their attribute name (each callable submodule of the copy becomes an
+  instance of a subclass of its class, so ``isinstance`` checks hold): ``Source.module_path``
+  is the module path (``conv``, ``layers.0``; Equinox's own ``eqx.nn.Conv`` and ``vmap()``
+  scopes are skipped) and ``module_type`` the Equinox class, so a BatchNorm is fused as
+  Flax's.
 - a plain function ``fn(params, *inputs)`` with ``params=`` (unchanged).
 """
 
@@ -92,7 +100,9 @@ def model_kind(model: Any) -> Optional[str]:
         if isinstance(model, tuple) and len(model) in (2, 3) and isinstance(model[0], nn.Module):
             return "linen"
     eqx = _eqx()
-    if eqx is not None and isinstance(model, eqx.Module):
+    if eqx is not None and (isinstance(model, eqx.Module) or (
+            isinstance(model, tuple) and len(model) == 2 and isinstance(model[0], eqx.Module)
+            and isinstance(model[1], eqx.nn.State))):
         return "equinox"
     return None
 
@@ -155,6 +165,8 @@ def as_jax_function(model: Any, params: Any = None, *, batched: bool = True
         return _from_nnx(model)
     if kind == "linen":
         return _from_linen(model)
+    if isinstance(model, tuple):  # (model, eqx.nn.State)
+        return _from_equinox(model[0], batched, model[1])
     return _from_equinox(model, batched)
 
 
@@ -359,7 +371,62 @@ def _bias_conv(eqx):
     return _BiasConv
 
 
-def _from_equinox(model, batched: bool):
+class _EqxStacks(dict):
+    """jaxpr name stack -> (module path, class) of an Equinox model's scoped submodules; Equinox
+    layers add a scope of their own (``eqx.nn.Conv``), skipped when a stack is looked up."""
+
+    def get(self, key, default=None):
+        clean = "/".join(p for p in key.split("/")
+                         if not p.startswith("eqx.nn.") and not p.endswith(")"))  # vmap()
+        return dict.get(self, clean, default) if clean else default
+
+
+_EQX_SCOPED: dict = {}
+
+
+def _eqx_scoped(node, name: str):
+    """A copy of the Equinox module ``node`` whose ``__call__`` runs in ``jax.named_scope(name)``
+    (an instance of a subclass: ``isinstance`` checks such as ``StatefulLayer`` still hold, and
+    the pytree has the same fields and leaves)."""
+    cls = type(node)
+    sub = _EQX_SCOPED.get((cls, name))
+    if sub is None:
+        def __call__(self, *args, **kwargs):
+            with jax.named_scope(name):
+                return cls.__call__(self, *args, **kwargs)
+        sub = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
+                                          "__qualname__": cls.__qualname__})
+        _EQX_SCOPED[(cls, name)] = sub
+    new = object.__new__(sub)
+    for k, v in vars(node).items():
+        object.__setattr__(new, k, v)
+    return new
+
+
+def _scope_equinox(eqx, root, original: dict, stacks: dict):
+    """``root`` with every callable submodule scoped by its attribute path relative to its
+    parent (:func:`_eqx_scoped`); records ``stack -> (dotted path, class)`` in ``stacks``
+    (``original``: id of a swapped layer -> the Equinox class it replaced)."""
+    def visit(node, path, stack):
+        def child(p, n):
+            if not (isinstance(n, eqx.Module) and callable(n)):
+                return n
+            name = path_name(p)
+            if not name:
+                return n
+            full, st = path + (name,), f"{stack}/{name}" if stack else name
+            cls = original.get(id(n), type(n))
+            stacks[st] = (".".join(full), f"{cls.__module__}.{cls.__qualname__}")
+            try:
+                return _eqx_scoped(visit(n, full, st), name)
+            except TypeError:  # pragma: no cover - a module that cannot be rebuilt: unnamed
+                return n
+        return jax.tree_util.tree_map_with_path(
+            child, node, is_leaf=lambda n: n is not node and isinstance(n, eqx.Module))
+    return visit(root, (), "")
+
+
+def _from_equinox(model, batched: bool, state=None):
     eqx = _eqx()
     inference = eqx.nn.inference_mode(model, True)  # a new pytree; the model is unchanged
     right = _right_linear(eqx)
@@ -367,23 +434,64 @@ def _from_equinox(model, batched: bool):
     conv = _bias_conv(eqx)
     convs = tuple(getattr(eqx.nn, n) for n in ("Conv", "Conv1d", "Conv2d", "Conv3d"))
 
+    original: dict = {}
+
     def swap(node):
+        new = node
         if type(node) is eqx.nn.Linear and node.in_features != "scalar" \
                 and node.out_features != "scalar":
-            return right(node.weight, node.bias)
-        if type(node) in convs and str(getattr(node, "padding_mode", "ZEROS")) == "ZEROS":
-            return conv(node.weight, node.bias, tuple(node.stride), tuple(node.padding),
-                        tuple(node.dilation), node.groups)
-        return node
+            new = right(node.weight, node.bias)
+        elif type(node) in convs and str(getattr(node, "padding_mode", "ZEROS")) == "ZEROS":
+            new = conv(node.weight, node.bias, tuple(node.stride), tuple(node.padding),
+                       tuple(node.dilation), node.groups)
+        if new is not node:
+            original[id(new)] = type(node)
+        return new
 
     inference = jax.tree_util.tree_map(
         swap, inference, is_leaf=lambda n: type(n) is eqx.nn.Linear or type(n) in convs)
-    arrays, static = eqx.partition(inference, eqx.is_array)
-    flat, _, names = _flat(arrays)
+    arrays, _ = eqx.partition(inference, eqx.is_array)
+    flat, _, names = _flat(arrays)  # named on the unscoped tree: the same leaves, in order
+    stacks = _EqxStacks()
+    scoped = _scope_equinox(eqx, inference, original, stacks)
+    arrays, static = eqx.partition(scoped, eqx.is_array)
     treedef = jax.tree_util.tree_structure(arrays)
+    if treedef.num_leaves != len(names):  # pragma: no cover - scoping changed the leaves
+        arrays, static = eqx.partition(inference, eqx.is_array)
+        treedef, stacks = jax.tree_util.tree_structure(arrays), {}
+    # the state's entries (eqx.nn.BatchNorm's running statistics) named by the StateIndex that
+    # reads them: bn.ema_state_index.0 (mean), bn.ema_state_index.1 (var)
+    entries = []  # (StateIndex, treedef of its value, names of its leaves)
+    if state is not None:
+        found = jax.tree_util.tree_flatten_with_path(
+            model, is_leaf=lambda n: isinstance(n, eqx.nn.StateIndex))[0]
+        for path, idx in found:
+            if not isinstance(idx, eqx.nn.StateIndex):
+                continue
+            value = state.get(idx)
+            leaves, vdef = jax.tree_util.tree_flatten_with_path(value)
+            base = path_name(path)
+            keys = []
+            for lp, leaf in leaves:
+                key = ".".join(x for x in (base, path_name(lp)) if x)
+                while key in flat:
+                    key += "_"
+                flat[key] = leaf
+                keys.append(key)
+            entries.append((idx, vdef, keys))
 
     def fn(p, *xs, **kw):
         m = eqx.combine(jax.tree_util.tree_unflatten(treedef, [p[n] for n in names]), static)
+        if state is not None:
+            # State.set invalidates the State it is called on: set on a copy, so the user's
+            # state stays usable
+            st = jax.tree_util.tree_map(lambda a: a, state)
+            for idx, vdef, keys in entries:
+                st = st.set(idx, jax.tree_util.tree_unflatten(vdef, [p[k] for k in keys]))
+            model_fn = m
+
+            def m(*a, **k):  # the model's output; the updated state is dropped
+                return model_fn(*a, st, **k)[0]
         if not batched:
             return m(*xs, **kw)
         # the trace sees one row ([1, ...]): the model is called on that example, the outputs
@@ -391,4 +499,4 @@ def _from_equinox(model, batched: bool):
         out = m(*[a[0] for a in xs], **{k: v[0] for k, v in kw.items()})
         return jax.tree_util.tree_map(lambda o: o[None], out)
 
-    return fn, flat, type(model).__name__, {}
+    return fn, flat, type(model).__name__, stacks

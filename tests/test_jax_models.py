@@ -591,3 +591,84 @@ def test_signature_detection_is_documented():
     assert "train" in _jax_models._LINEN_INFERENCE and "apply_kwargs" in _jax_models.__doc__
     assert "flax.nnx.Module" in inspect.getdoc(dlbjax.Explainer)
     assert "equinox.Module" in inspect.getdoc(dlbjax.explain)
+
+
+# ---- Equinox: a stateful BatchNorm, explained as (model, eqx.nn.State) -------------------------
+class EqxBnCNN(eqx.Module):
+    conv: eqx.nn.Conv2d
+    bn: eqx.nn.BatchNorm
+    fc: eqx.nn.Linear
+
+    def __init__(self, key):
+        k1, k2 = jax.random.split(key)
+        self.conv = eqx.nn.Conv2d(2, 4, 3, padding=1, key=k1)
+        self.bn = eqx.nn.BatchNorm(4, axis_name="batch", mode="ema")  # training mode
+        self.fc = eqx.nn.Linear(4 * 6 * 6, 5, key=k2)
+
+    def __call__(self, x, state):  # [C, H, W], one example
+        h, state = self.bn(self.conv(x), state)
+        return self.fc(jax.nn.relu(h).reshape(-1)), state
+
+
+class TorchEqxBnCNN(nn.Module):
+    def __init__(self, m: EqxBnCNN, state):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), \
+            nn.Linear(144, 5)
+        mean, var = state.get(m.bn.ema_state_index)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.from_numpy(np.asarray(m.conv.weight)))
+            self.conv.bias.copy_(torch.from_numpy(np.asarray(m.conv.bias).reshape(-1)))
+            self.fc.weight.copy_(torch.from_numpy(np.asarray(m.fc.weight)))
+            self.fc.bias.copy_(torch.from_numpy(np.asarray(m.fc.bias)))
+        _copy_bn(self.bn, m.bn.weight, m.bn.bias, mean, var)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+@pytest.fixture(scope="module")
+def eqx_bn_case():
+    m, state = eqx.nn.make_with_state(EqxBnCNN)(jax.random.PRNGKey(2))
+    rng = np.random.default_rng(11)
+    state = state.set(m.bn.ema_state_index, (jnp.asarray(rng.normal(0, 0.5, 4), jnp.float32),
+                                             jnp.asarray(rng.uniform(0.5, 2.0, 4), jnp.float32)))
+    state = state.set(m.bn.ema_first_time_index, jnp.array(False))
+    m = eqx.tree_at(lambda t: (t.bn.weight, t.bn.bias), m,
+                    (jnp.asarray(rng.uniform(0.5, 1.5, 4), jnp.float32),
+                     jnp.asarray(rng.normal(0, 0.2, 4), jnp.float32)))
+    x = rng.normal(size=(3, 2, 6, 6)).astype(np.float32)
+    return m, state, x, TorchEqxBnCNN(m, state).eval()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_equinox_stateful_batch_norm_equals_torch(eqx_bn_case, mode):
+    m, state, x, t = eqx_bn_case
+    before = _snapshot((m, state))
+    assert m.bn.inference is False
+    ex = dlbjax.Explainer((m, state), x, mode=mode)
+    ej = ex(x)
+    assert _snapshot((m, state)) == before and m.bn.inference is False
+    state.get(m.bn.ema_state_index)  # still usable (State.set was called on a copy)
+    own = jax.vmap(eqx.nn.inference_mode(m), in_axes=(0, None), out_axes=(0, None),
+                   axis_name="batch")(jnp.asarray(x), state)[0]
+    _close(ej.prediction, own)
+    et = dlbjax.explain(t, torch.from_numpy(x), mode=mode)
+    _close(ej.prediction, et.prediction)
+    _close(_streams(ej.relevance["x"]), _streams(et.relevance["x"]))
+
+
+def test_equinox_names_and_module_paths(eqx_bn_case):
+    m, state, x, _ = eqx_bn_case
+    ex = dlbjax.Explainer((m, state), x)
+    assert {"conv.weight", "conv.bias", "bn.weight", "bn.bias", "bn.ema_state_index.0",
+            "bn.ema_state_index.1", "fc.weight"} <= {c.name for c in ex.program.constants}
+    by_path = {e.source.module_path: e.source.module_type for e in ex.program.eqns}
+    assert by_path["conv"].endswith("Conv2d") and by_path["fc"].endswith("Linear")
+    bn = [e for e in ex.program.eqns if e.source.module_path == "bn"]
+    assert [e.op for e in bn] == ["dlbjax.fused"] and bn[0].source.module_type.endswith(
+        "BatchNorm")
+    assert [e.source.module_path for e in ex.program.eqns
+            if e.op == "aten.linear.default"] == ["fc"]
+    # the same explanation as the Explainer on the plain call
+    _close(dlbjax.explain((m, state), x).relevance["x"], ex(x).relevance["x"])
