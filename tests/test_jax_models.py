@@ -236,6 +236,38 @@ def test_dlb_and_gradient_methods_keep_the_flax_batch_norm_fused(cnn_case):
     _close(ej.relevance["x"], _nchw_to_nhwc(np.asarray(et.relevance["x"])))
 
 
+class NnxBnMLP(nnx.Module):
+    """A BatchNorm right after a dense layer (no permute between): folded into the linear."""
+
+    def __init__(self, rngs):
+        self.l1 = nnx.Linear(10, 16, rngs=rngs)
+        self.bn = nnx.BatchNorm(16, rngs=rngs)
+        self.l2 = nnx.Linear(16, 4, rngs=rngs)
+
+    def __call__(self, x):
+        return self.l2(nnx.relu(self.bn(self.l1(x))))
+
+
+@pytest.mark.parametrize("method", ["lrp-epsilon", "epsilon-alpha2-beta1", "dlb"])
+def test_flax_batch_norm_after_a_dense_layer_equals_torch(method):
+    m = NnxBnMLP(nnx.Rngs(5))
+    rng = np.random.default_rng(6)
+    _randomize_bn(m.bn, rng)
+    m.l1.bias.value = jnp.asarray(rng.normal(0, 0.1, 16), jnp.float32)
+    t = nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
+    _copy_linear(t[0], m.l1.kernel.value, m.l1.bias.value)
+    _copy_bn(t[1], m.bn.scale.value, m.bn.bias.value, m.bn.mean.value, m.bn.var.value)
+    _copy_linear(t[3], m.l2.kernel.value, m.l2.bias.value)
+    x = rng.normal(size=(3, 10)).astype(np.float32)
+    ex = dlbjax.Explainer(m, x, method=method)
+    fused = [e for e in ex.plan.program.eqns if e.op == "dlbjax.fused"]
+    assert len(fused) == (1 if method == "dlb" else 0)
+    ej = ex(x)
+    et = dlbjax.explain(t.eval(), torch.from_numpy(x), method=method)
+    _close(ej.prediction, _eval_forward(m, x))
+    _close(ej.relevance["x"], et.relevance["input"])
+
+
 class NnxBnAfterRelu(nnx.Module):
     """A BatchNorm after an activation: nothing affine directly before it to fold into."""
 
@@ -672,3 +704,16 @@ def test_equinox_names_and_module_paths(eqx_bn_case):
             if e.op == "aten.linear.default"] == ["fc"]
     # the same explanation as the Explainer on the plain call
     _close(dlbjax.explain((m, state), x).relevance["x"], ex(x).relevance["x"])
+
+
+@pytest.mark.parametrize("method", ["lrp-epsilon", "epsilon-plus-flat", "epsilon-alpha2-beta1"])
+def test_equinox_batch_norm_folds_under_lrp_as_torch(eqx_bn_case, method):
+    """Equinox's BatchNorm (channels first, after the conv's squeezed batch axis) is folded into
+    the convolution too."""
+    m, state, x, t = eqx_bn_case
+    ex = dlbjax.Explainer((m, state), x, method=method)
+    assert not any(e.op == "dlbjax.fused" for e in ex.plan.program.eqns)
+    ej = ex(x)
+    et = dlbjax.explain(t, torch.from_numpy(x), method=method)
+    _close(ej.prediction, et.prediction)
+    _close(ej.relevance["x"], et.relevance["x"])

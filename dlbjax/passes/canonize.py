@@ -17,10 +17,11 @@ A Flax BatchNorm arrives written out (``(x - mean) * k + beta``, ``k = scale * r
 eps)`` folded on the host) and fused into one ``dlbjax.fused`` norm equation
 (``_plan._flax_batch_norm``): :func:`fold_batch_norm` folds it too when its body is a chain of
 ``sub``/``mul``/``add``/``div`` by per-channel constants (channel last) and its input is the
-output of ``aten.linear`` or of the channel-last permute (``[0, 2, .., n-1, 1]``) of a
-non-transposed convolution, each used by nothing else: the per-channel map ``y = x a + c`` is
-built from the body's constants and merged as ``W' = W a``, ``b' = b a + c``; the permute is
-re-emitted after the folded convolution.
+output of ``aten.linear``, of a non-transposed convolution, of its channel-last permute
+(``[0, 2, .., n-1, 1]``, Flax's NHWC) or of the view that drops its batch axis of one
+(Equinox's per-example layers), each used by nothing else: the per-channel map ``y = x a + c``
+is built from the body's constants and merged as ``W' = W a``, ``b' = b a + c``; the permute
+or view is re-emitted after the folded convolution.
 """
 
 from __future__ import annotations
@@ -161,9 +162,10 @@ def _is_flax_batch_norm(eqn: Eqn) -> bool:
         and eqn.source.module_type.rsplit(".", 1)[-1] == "BatchNorm"
 
 
-def _channel_steps(body, x: Var, constants, channels: int):
+def _channel_steps(body, x: Var, constants, channels: int, axis: int):
     """``[(op, constant, constant first)]`` of a fused body that is a chain of per-channel
-    (channel-last) affine steps from its variable input ``x``, or None."""
+    affine steps from its variable input ``x`` (channels on ``x``'s axis ``axis``, negative;
+    each constant broadcasts along the others), or None."""
     cur = x
     steps = []
     for e in body.eqns:
@@ -177,7 +179,8 @@ def _channel_steps(body, x: Var, constants, channels: int):
             k, first = a, True
         else:
             return None
-        if not k.shape or k.shape[-1] != channels or any(d != 1 for d in k.shape[:-1]):
+        if len(k.shape) < -axis or k.shape[axis] != channels \
+                or any(d != 1 for i, d in enumerate(k.shape) if i != len(k.shape) + axis):
             return None
         steps.append((e.op, k, first))
         cur = e.outputs[0]
@@ -199,20 +202,27 @@ def _fused_affines(program: Program, producers, consumers, outputs, folds) -> di
         if x in outputs or len(consumers.get(x, [])) != 1:
             continue
         prod, perm = producers.get(x), None
-        if prod is not None and prod.op == "aten.permute.default":
-            n = len(x.shape)
-            if list(prod.args[1]) != [0] + list(range(2, n)) + [1]:
-                continue
-            perm, y = prod, prod.args[0]
+        n = len(x.shape)
+        axis = -1 if prod is None or prod.op == "aten.linear.default" else 1 - n
+        if prod is not None and prod.op in ("aten.permute.default", "aten.view.default"):
+            y = prod.args[0]
             if not isinstance(y, Var) or y in outputs or len(consumers.get(y, [])) != 1:
                 continue
-            prod = producers.get(y)
+            if prod.op == "aten.permute.default":  # flax: NCHW conv output to NHWC
+                if list(prod.args[1]) != [0] + list(range(2, n)) + [1]:
+                    continue
+                axis = -1
+            elif y.shape[:1] == (1,) and tuple(y.shape[1:]) == tuple(x.shape):
+                axis = -n  # equinox: the conv's batch axis of one squeezed away
+            else:
+                continue
+            perm, prod = prod, producers.get(y)
             if prod is None or prod.op == "aten.linear.default":
                 continue
         if prod is None or _bias_slot(prod) is None or id(prod) in folds or id(prod) in found \
                 or not isinstance(prod.args[1], Var):
             continue
-        steps = _channel_steps(body, x, constants, prod.args[1].shape[0])
+        steps = _channel_steps(body, x, constants, prod.args[1].shape[0], axis)
         if steps is None:
             continue
         found[id(prod)] = (bn, (bn,) + ((perm,) if perm is not None else ()), perm, steps)
