@@ -28,6 +28,19 @@ composition of AttnLRP's rules over its written-out form).
 Contrastive mode (§9.17, experimental): each stream is split with the same shares; the mask add
 is a one-sided unit for each stream, so both streams pass to the scores whole (the mask takes no
 share, like a bias in §3.2).
+
+**Long sequences: query blocks** (§9.8, issue 15). Every quantity of both rules (the scores,
+mask, probabilities, G = R / (|A| |V|), the score-level split and the Q K^T shares) belongs to one
+query row given K and V, so both rules run over blocks of ``block`` queries
+(:func:`dlbjax.lowerings.attention.over_query_blocks`, a ``lax.scan``): each block recomputes its
+[..., block, S] scores and probabilities from Q's rows, K and V, gives its rows' R_Q, and adds its
+share of R_K, R_V and the absorbed total to sums carried over the blocks. Temporary memory per
+layer is O(block x S) instead of several [..., L, S] tensors. The default ``block="auto"`` is
+``dlbjax.lowerings.attention.QUERY_BLOCK`` = 512 queries (read at call time), the forward
+lowering's block: a sequence of at most 512 queries is computed whole, bitwise as the unchunked
+rule (``block=None``, kept as the reference); longer ones equal it to rounding (the sums over
+queries are split across blocks; tests/test_attention_chunks.py).
+A last block shorter than ``block`` runs on its own after the scan (no padded rows).
 """
 
 from __future__ import annotations
@@ -36,7 +49,7 @@ import jax
 import jax.numpy as jnp
 
 from dlbjax.lowerings import HIGHEST
-from dlbjax.lowerings.attention import sdpa_parts
+from dlbjax.lowerings.attention import over_query_blocks, sdpa_parts
 
 from ._lrp import ATTNLRP, lrp_divide
 from ._math import safe_div, unbroadcast
@@ -74,11 +87,38 @@ def _fold_heads(r, n_kv):
     return r.reshape(r.shape[:-3] + (n_kv, rep) + r.shape[-2:]).sum(axis=-3)
 
 
+def _blocked(rule, R, query, key, value, attn_mask, block):
+    """``rule(R, query, attn_mask, q_offset) -> (R_q, R_k, R_v, absorbed)`` over query blocks
+    (module docstring: R_q per row, the rest summed)."""
+    if query.ndim < 2:
+        block = None
+
+    def rows(rq, mask, offset):
+        r, q = rq
+        R_q, R_k, R_v, absorbed = rule(r, q, mask, offset)
+        return (R_q,), (R_k, R_v, absorbed)
+
+    (R_q,), (R_k, R_v, absorbed) = over_query_blocks(rows, (R, query), attn_mask, block)
+    return R_q, R_k, R_v, absorbed
+
+
 def sdpa_relevance(R, query, key, value, attn_mask=None, is_causal=False, scale=None,
-                   enable_gqa=False, phi=0.5, contrastive=False):
-    """Relevance of (query, key, value) and the mask's absorbed share for one stream."""
+                   enable_gqa=False, phi=0.5, contrastive=False, block="auto"):
+    """Relevance of (query, key, value) and the mask's absorbed share for one stream, over
+    blocks of ``block`` queries (``"auto"``: ``QUERY_BLOCK``, ``None``: all at once; module
+    docstring, "Long sequences")."""
+    def rule(r, q, mask, offset):
+        return _sdpa_rows(r, q, key, value, mask, is_causal, scale, enable_gqa, phi, contrastive,
+                          offset)
+    return _blocked(rule, R, query, key, value, attn_mask, block)
+
+
+def _sdpa_rows(R, query, key, value, attn_mask, is_causal, scale, enable_gqa, phi, contrastive,
+               q_offset):
+    """:func:`sdpa_relevance` of the query rows from position ``q_offset`` (all rows when 0 and
+    the query is whole)."""
     scores, mask, probs, k_rep, v_rep = sdpa_parts(query, key, value, attn_mask, is_causal, scale,
-                                                  enable_gqa)
+                                                  enable_gqa, q_offset)
     R_a, R_v = bilinear_shares(probs, v_rep, R, 1.0 - phi, phi)
     absorbed = jnp.zeros((), R.dtype)
     if mask is None:
@@ -145,7 +185,7 @@ def uniform_bilinear(f, a, b, R, eps):
 
 
 def attnlrp_sdpa(R, query, key, value, attn_mask=None, is_causal=False, scale=None,
-                 enable_gqa=False, epsilon=1e-6, stabilizer=1e-6):
+                 enable_gqa=False, epsilon=1e-6, stabilizer=1e-6, block="auto"):
     """AttnLRP relevance of (query, key, value) through SDPA kept whole, and the additive mask's
     kept share. The rule is the composition of AttnLRP's rules over the written-out form
     ``O = softmax(scale * (Q K^T) + mask) V`` (as Hugging Face's eager attention writes it):
@@ -161,9 +201,21 @@ def attnlrp_sdpa(R, query, key, value, attn_mask=None, is_causal=False, scale=No
     4. S = scale * (Q K^T): identity through the constant scale, then the uniform rule on the
        unscaled product Q K^T (the stabiliser acts on Q K^T, as in the written-out form) ->
        R_Q, R_K; repeated key/value heads of grouped-query attention sum back into their head.
+
+    Every step is per query row given K and V: the rule runs over blocks of ``block`` queries
+    like the DLB rule (module docstring, "Long sequences"; ``None``: all at once).
     """
+    def rule(r, q, mask, offset):
+        return _attnlrp_rows(r, q, key, value, mask, is_causal, scale, enable_gqa, epsilon,
+                             stabilizer, offset)
+    return _blocked(rule, R, query, key, value, attn_mask, block)
+
+
+def _attnlrp_rows(R, query, key, value, attn_mask, is_causal, scale, enable_gqa, epsilon,
+                  stabilizer, q_offset):
+    """:func:`attnlrp_sdpa` of the query rows from position ``q_offset``."""
     scores, mask, probs, k_rep, v_rep = sdpa_parts(query, key, value, attn_mask, is_causal, scale,
-                                                  enable_gqa)
+                                                  enable_gqa, q_offset)
     R_a, R_v = uniform_bilinear(_mm, probs, v_rep, R, epsilon)
     logits = scores if mask is None else scores + mask
     R_l = attnlrp_softmax(logits, probs, R_a, logits.ndim - 1)
