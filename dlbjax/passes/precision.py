@@ -22,8 +22,9 @@ Precisely:
   float32 model. A half-precision model's own float32 islands (``hidden.to(torch.float32)`` in
   an RMSNorm, a float32 buffer) stay float32, as the model computes them; a float16 model asked
   for bfloat16 has its float16 values made bfloat16.
-* **float32**: the program's float inputs (the interface: callers pass the model's dtype, the
-  first equation rounds to the half dtype), so the relevance returned at every input is float32;
+* **float32**: the program's float inputs and outputs (the interface: callers pass the model's
+  dtype, the first equations round it to the half dtype, the last ones widen the outputs), so
+  the prediction and the relevance returned at every input are float32;
   token-id relevance (always float32); inside the dense/conv/matmul rule (``rules/_math.py``:
   ``linear_operator_rule``) the positive and negative sums P, N, the magnitude sum S = |x| |W|,
   the denominator D, the ratio R / D and both transposed products (R / D) |W| and (R / D) W, from
@@ -156,9 +157,26 @@ def _convert(program: Program, sources, target: str, interface: Optional[str] = 
     for c in program.constants:
         value = program.const_values[c.name]
         values[c.name] = np.asarray(value, _np_dtype(target)) if c.dtype in sources else value
-    return Program(tuple(inputs), tuple(var(c) for c in program.constants),
-                   tuple(casts) + tuple(eqn(e) for e in program.eqns),
-                   tuple(var(v) for v in program.outputs),
+    eqns = tuple(casts) + tuple(eqn(e) for e in program.eqns)
+    outputs = tuple(var(v) for v in program.outputs)
+    if interface is not None:
+        # float outputs leave as the interface dtype too (the prediction is float32)
+        produced = {o for e in eqns for o in e.outputs}
+        wide, ends = [], []
+        for v in outputs:
+            if v.dtype == target and v in produced and v not in wide:
+                name = f"{v.name}_{interface}"
+                while name in names:
+                    name += "_"
+                names.add(name)
+                out = Var(name, v.shape, interface)
+                ends.append(Eqn("aten._to_copy.default", (v,), {"dtype": interface}, (out,),
+                                Source()))
+                wide.append(v)
+        cast = {v: e.outputs[0] for v, e in zip(wide, ends)}
+        outputs = tuple(cast.get(v, v) for v in outputs)
+        eqns = eqns + tuple(ends)
+    return Program(tuple(inputs), tuple(var(c) for c in program.constants), eqns, outputs,
                    program.output_names, values, dict(program.const_kinds)).validate()
 
 
