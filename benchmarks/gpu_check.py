@@ -208,9 +208,9 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     got = {c: tokens_of(explain_size(check, model, x, c, dev, rows))
            for c in ("float32", "bfloat16")}
-    # time model of one (size, compute): the last one's time scaled by the layer count (compiling
-    # and running grow with depth), plus 10 s per billion parameters (random init, copies)
-    last = ((time.perf_counter() - t0) / 2, cfg["num_hidden_layers"])
+    # time model of one (size, compute): the last one's time scaled by the mean of the layer
+    # ratio (compiling grows with depth) and the parameter ratio (export, copies, |W|, running)
+    last = ((time.perf_counter() - t0) / 2, cfg["num_hidden_layers"], n_params(cfg))
     t_torch, where = torch_forward(model, x, True)
     for r in rows:
         r["torch"] = f"{t_torch * 1e3:.1f} ms ({where})"
@@ -254,7 +254,8 @@ def main(argv=None) -> int:
         for compute in computes:
             need = estimate_bytes(cfg, compute)
             left = args.budget_s - (time.perf_counter() - start)
-            eta = last[0] * cfg["num_hidden_layers"] / last[1] + 10 * n_params(cfg) / 1e9
+            eta = last[0] * (cfg["num_hidden_layers"] / last[1] + n_params(cfg) / last[2]) / 2 \
+                + 10 * n_params(cfg) / 1e9  # + building the random torch model
             if cap is not None and need > cap:
                 print(f"skip {name} {compute}: needs ~{need / 2**30:.1f} GiB, device has "
                       f"{cap / 2**30:.1f} GiB", flush=True)
@@ -266,7 +267,8 @@ def main(argv=None) -> int:
             xs = inputs(cfg, seq)
             t0 = time.perf_counter()
             explain_size(name, model, xs, compute, dev, rows)
-            last = (time.perf_counter() - t0, cfg["num_hidden_layers"])
+            last = (time.perf_counter() - t0, cfg["num_hidden_layers"], n_params(cfg))
+            print(f"{name} {compute}: {last[0]:.0f} s (estimated {eta:.0f} s)", flush=True)
             if n_params(cfg) < 2e9 or torch.cuda.is_available():
                 t_torch, where = torch_forward(model, xs, True)
                 rows[-1]["torch"] = f"{t_torch * 1e3:.1f} ms ({where})"

@@ -179,3 +179,19 @@ def test_half_model_with_half_compute_keeps_its_program(mlp, data):
 def test_bad_compute_dtype_is_refused(mlp, data):
     with pytest.raises(ValueError, match="bfloat16"):
         dlbjax.Explainer(mlp, data[:1], compute_dtype="int8")
+
+
+def test_half_compute_of_a_jax_function():
+    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+    params = {"w1": jax.random.normal(k1, (8, 16)), "w2": jax.random.normal(k2, (16, 3))}
+
+    def f(p, x):
+        return jax.nn.relu(x @ p["w1"]) @ p["w2"]
+
+    x = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+    ref = dlbjax.Explainer(f, x, params=params)(x)
+    ex = dlbjax.Explainer(f, x, params=params, compute_dtype="bfloat16")
+    assert {c.dtype for c in ex.program.constants} == {"bfloat16"}
+    e = ex(x, target=ref.target)
+    assert e.relevance["x"].dtype == np.float32
+    assert _rel(e.relevance["x"], ref.relevance["x"]) < BOUND_L2["bfloat16"]

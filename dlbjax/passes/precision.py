@@ -31,7 +31,10 @@ Precisely:
   the half x and W upcast (each product of two half numbers is exact in float32, so this equals
   a half GEMM with ``preferred_element_type=float32``); likewise the unit rule of adds, pools
   and reductions (``unit_rule``: P, N, D and the coefficients), the bilinear rule of a product of
-  two activations (attention Q K^T and A V, ``rules/affine.py``) and the norm rules.
+  two activations (attention Q K^T and A V written out, ``rules/affine.py``) and AttnLRP's norm
+  rules (``rules/norm.py``; DLB's norm rules are identities). Not yet: the fused SDPA rule
+  (``rules/attention.py``, computed in the half dtype) and the pooling rules that do not go
+  through ``unit_rule``.
 * **half at the boundaries**: the relevance *between* two equations is the cotangent of the
   forward value in the VJP (``engine/relevance.py``), and JAX gives a cotangent its primal's dtype,
   so each rule's result is rounded to the half dtype once where it is handed on (bf16: 2^-9
