@@ -82,9 +82,12 @@ class Config:
       of sequence lengths: token inputs are right-padded to the smallest bucket that fits, with
       the attention mask; one compilation per bucket; needs an ``attention_mask`` input.
     - ``router_relevance``: MoE routing weights carry relevance (the router gets its share).
-    - ``compute_dtype``: ``"float32"`` (default: bf16/fp16 models are computed and explained in
-      float32, ``dlbjax/passes/precision.py``), ``"float64"`` (needs jax_enable_x64) or None (keep
-      half precision).
+    - ``compute_dtype``: ``"float32"`` (default on every backend: bf16/fp16 models are computed
+      and explained in float32, ``dlbjax/passes/precision.py``), ``"bfloat16"``/``"float16"``
+      (half compute: weights and forward in the half dtype, the rules' sums and ratios in float32,
+      float32 results; bf16 is within 1e-3 to 4e-2 relative L2 error of the float32 explanation
+      on the test models, ``benchmarks/RESULTS.md`` (i), which is why it is not the GPU default),
+      ``"float64"`` (needs jax_enable_x64) or None (keep the model's dtypes).
     - ``precompute_magnitudes``: compute |W| of dense/conv weights once and keep it (one more copy
       of those weights) instead of once per call.
     - ``max_batch``: most rows per compiled call (larger inputs are split; out-of-memory failures

@@ -65,7 +65,8 @@ class Explainer:
       bucket that fits; one compilation per bucket; needs an ``attention_mask`` input).
     - ``router_relevance``: MoE routing weights carry relevance.
     - ``compute_dtype``: ``"float32"`` (default; half-precision models computed in float32),
-      ``"float64"`` or None.
+      ``"bfloat16"``/``"float16"`` (half forward, float32 rules and results), ``"float64"`` or
+      None.
     - ``precompute_magnitudes``: keep |W| of dense/conv weights instead of recomputing it.
     - ``max_batch``: most rows per compiled call.
     - ``devices``: the devices to shard rows over (default: all local devices).

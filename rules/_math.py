@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from ._registry import GateSpec, Streams
 
-__all__ = ["safe_div", "gates", "default_coeffs", "contrastive_coeffs", "unit_rule",
+__all__ = ["upcast", "safe_div", "gates", "default_coeffs", "contrastive_coeffs", "unit_rule",
            "linear_operator_rule", "unbroadcast", "relu", "map_streams"]
 
 
@@ -33,6 +33,25 @@ def map_streams(fn, *Rs):
     if isinstance(Rs[0], Streams):
         return Streams(*(fn(*rs) for rs in zip(*Rs)))
     return fn(*Rs)
+
+
+_HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def upcast(*xs):
+    """Each bfloat16/float16 array (or Streams of them) as float32; anything else unchanged.
+
+    Under ``compute_dtype="bfloat16"``/``"float16"`` (``dlbjax/passes/precision.py``) the rules
+    form their sums, denominators and ratios in float32 from the half-precision values: a product
+    of two half numbers is exact in float32, so a float32 product of upcast operands is a half
+    GEMM accumulated in float32. A float32 (or float64) program is untouched, bit for bit."""
+    def one(x):
+        if isinstance(x, Streams):
+            return Streams(*(one(s) for s in x))
+        if x is not None and getattr(x, "dtype", None) in _HALF:
+            return x.astype(jnp.float32)
+        return x
+    return one(xs[0]) if len(xs) == 1 else tuple(one(x) for x in xs)
 
 
 def relu(x):
@@ -120,6 +139,8 @@ def unit_rule(zs, b, R, contrastive: bool, gate: Optional[GateSpec] = None, axis
     Used by add/sub (§4.4), average pooling (§4.2), mean/sum reductions and the generic
     contrastive rule of one-input units.
     """
+    R, b = upcast(R, b)
+    zs = [upcast(z) for z in zs] if axis is None else upcast(zs)
     if axis is None:
         P = sum(relu(z) for z in zs)
         N = sum(relu(-z) for z in zs)
@@ -171,6 +192,7 @@ def linear_operator_rule(lin: Callable, x, w, b, R, contrastive: bool,
     per Explainer instead of once per call: a full pass over the weights, ~15% of a BERT-base
     explanation at batch 1); used by the magnitude form only.
     """
+    x, w, b, R, y, aw = upcast(x, w, b, R, y, aw)
     if not contrastive and not exact and (gate is None or gate.fn is None):
         return _magnitude_rule(lin, x, w, b, R, gate, y, aw)
     xp, xn = relu(x), relu(-x)

@@ -32,7 +32,7 @@ from dlbjax.lowerings import HIGHEST
 from dlbjax.lowerings.affine import conv_nd, conv_transpose_nd
 
 from ._lrp import ATTNLRP, LRP_METHODS, UNITS
-from ._math import linear_operator_rule
+from ._math import linear_operator_rule, upcast
 from ._registry import RuleResult, Streams, carried, register
 from .attention import bilinear_shares, uniform_bilinear
 
@@ -119,6 +119,7 @@ def _mm(ctx, R, self, other):
     if ctx.carrying(0) and ctx.carrying(1):
         phi = ctx.options.phi
         fa, fb = {0: (1 - phi, phi), 1: (phi, 1 - phi)}.get(ctx.info.get("attention"), (0.5, 0.5))
+        self, other, R = upcast(self, other, R)  # half compute: the shares in float32
         if ctx.options.contrastive:
             pa, pb = bilinear_shares(self, other, R.positive, fa, fb)
             na, nb = bilinear_shares(self, other, R.negative, fa, fb)

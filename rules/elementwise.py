@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from ._lrp import ATTNLRP, LRP, lrp_divide
-from ._math import relu, safe_div, unbroadcast, unit_rule
+from ._math import relu, safe_div, unbroadcast, unit_rule, upcast
 from ._registry import GateSpec, RuleResult, Streams, register
 
 __all__ = ["GATES", "EXPERIMENTAL_GATES", "identity", "product_shares", "gate_shares"]
@@ -37,7 +37,7 @@ def _add(ctx, R, *args, **kwargs):
     Broadcast operands sum their share over the broadcast axes. Zero total: nothing passes.
     Contrastive: the §3.2 rule with unit weights over the carrying operands, constants entering
     only through the sign of T (no share)."""
-    out = ctx.out
+    out, R = upcast(ctx.out, R)  # half compute: the shares in float32
     terms = _add_terms(ctx.op, args, kwargs)
     carry_pos = [p for p, _ in terms if ctx.carrying(p)]
     zs = [jnp.broadcast_to(jnp.asarray(v, out.dtype), out.shape) for p, v in terms if p in carry_pos]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from ._lrp import ATTNLRP, lrp_divide
+from ._math import upcast
 from ._registry import RuleResult, carried, register
 from .elementwise import identity
 
@@ -39,7 +40,9 @@ def attnlrp_centered_norm(x, axes, gain, bias, R, eps_norm, eps):
 
     (``x * T(g)``, T the transpose of the centred map). beta is the bias: its share
     ``sum beta g`` is returned as absorbed; ``sum R_x + absorbed = sum R y / stab(y)``.
-    ``gain``/``bias``: gamma and beta broadcast to x (None: 1 and 0)."""
+    ``gain``/``bias``: gamma and beta broadcast to x (None: 1 and 0). Half-precision operands
+    are upcast (``compute_dtype="bfloat16"``: the statistics and ratios in float32)."""
+    x, gain, bias, R = upcast(x, gain, bias, R)
     mean = jnp.mean(x, axis=axes, keepdims=True)
     sigma = jnp.sqrt(jnp.mean(jnp.square(x - mean), axis=axes, keepdims=True) + eps_norm)
     w = 1 / sigma if gain is None else gain / sigma
@@ -55,6 +58,7 @@ def attnlrp_rms_norm(y, R, eps):
     """AttnLRP's RMS-norm rule (Sec. 3.3.3): with the root mean square frozen (identity rule),
     ``y = gamma x / rms`` is element-wise linear and bias-free, so epsilon-LRP gives
     ``R_x = R y / stab_eps(y)``: the identity up to the stabiliser."""
+    y, R = upcast(y, R)
     return R * lrp_divide(jnp.ones_like(y), y, eps) * y
 
 
