@@ -67,7 +67,10 @@ class Plan:
     routed layers on the relevance path; ``x64``: the model computes in float64;
     ``compute_dtype``: what half precision is computed in (None: unchanged); ``model_name``: the
     model's class name (task resolution); ``constant_names``: the learned tensors and constants
-    that index maps copy into the stream, the columns of ``RowResult.constants``.
+    that index maps copy into the stream, the columns of ``RowResult.constants``; ``shared``:
+    the torch model's tensors whose memory ``consts`` aliases (zero-copy, CPU float32 etc.), with
+    their version at build time (:meth:`check_weights`); ``memory``: the memory estimate and the
+    ``precompute_magnitudes`` decision (``dlbjax.passes.magnitudes.MemoryPlan``).
     """
 
     config: Config

@@ -3,9 +3,11 @@
 The default-mode dense/conv rule (``rules/_math.py``, ``_magnitude_rule``) needs |W| for its two extra
 products. Computed inside the compiled pass, |W| is a full read and write of every weight on every
 call: about 15-20% of a BERT-base explanation at batch 1 on CPU (see benchmarks/RESULTS.md). The
-Explainer computes it once, keeps it next to the constants (the dense/conv weights' memory once
-more) and passes it to the compiled function as an argument; the relevance pass hands it to the
-rule as ``ctx.magnitude(i)``. Results are bit-identical: it is the same ``jnp.abs``.
+Explainer can compute it once, keep it next to the constants (the dense/conv weights' memory once
+more) and pass it to the compiled function as an argument; the relevance pass hands it to the
+rule as ``ctx.magnitude(i)``. Results are bit-identical: it is the same ``jnp.abs``. Whether it
+does is ``precompute_magnitudes`` (True, False, or ``"auto"``: only when |W| fits a budget, see
+:func:`plan_memory`), which also checks that the model fits on its device at all.
 
 Only weights that the magnitude form will read are cached: constant operands with two or more
 axes of affine ops on the relevance path, in default mode, not gated by a non-monotone
