@@ -402,6 +402,7 @@ def _derive(config: Config, program: Program, input_names: tuple, row_specs: tup
     t0 = time.perf_counter()
     if consts is None:
         consts = constants_to_jax(program)
+        _drop_host_copies(consts, program, imported)
     mags = precompute_magnitudes(program, analysis, options, consts, names) \
         if memory.keep_magnitudes else {}
     _log.info("dlbjax: constants placed (%.2f GiB copied to %s), |W| %s (%.2f GiB) in %.1f s",
@@ -416,6 +417,29 @@ def _derive(config: Config, program: Program, input_names: tuple, row_specs: tup
                 moe_layers=moe, x64=x64, compute_dtype=compute_dtype, model_name=model_name,
                 constant_names=constant_slots(program, analysis, options.method)[0]
                 if gradient is None else (), imported=imported, memory=memory)
+
+
+def _drop_host_copies(consts: dict, *programs: Program) -> None:
+    """One copy of each constant, not two: where ``constants_to_jax`` had to copy a host value
+    (a float32 promotion of half-precision weights, an unaligned array) the program's numpy value
+    is replaced by a read-only view of the JAX array (same dtype, same bits), so the host copy is
+    freed. Values the JAX array aliases (a torch model's shared weights) and values of another
+    dtype (int64 ids narrowed to int32) stay as they are."""
+    for program in programs:
+        values = program.const_values
+        for name, arr in consts.items():
+            old = values.get(name)
+            if not isinstance(old, np.ndarray) or arr.dtype != old.dtype:
+                continue
+            try:
+                if arr.unsafe_buffer_pointer() == old.ctypes.data:
+                    continue
+                view = np.asarray(arr)
+            except Exception:  # noqa: BLE001 (an array not on the host)
+                continue
+            if view.shape == old.shape and \
+                    view.ctypes.data == arr.unsafe_buffer_pointer():
+                values[name] = view
 
 
 def _output_index(program: Program, output) -> int:

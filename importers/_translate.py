@@ -42,7 +42,8 @@ def tensor_to_numpy(t: torch.Tensor, share: bool = False) -> np.ndarray:
     an imported model, so that dlbjax does not hold a second copy of the weights; see
     :func:`translate`), a copy otherwise. The view is taken of a ``detach()`` alias, which keeps
     the storage alive even if the parameter's ``.data`` is later replaced, and which shares the
-    parameter's version counter (in-place changes stay visible to ``t._version``)."""
+    parameter's version counter (in-place changes stay visible to ``t._version``); it is
+    read-only."""
     t = t.detach()
     shared = share and t.device.type == "cpu" and t.is_contiguous()
     t = t.cpu().contiguous()
@@ -51,7 +52,10 @@ def tensor_to_numpy(t: torch.Tensor, share: bool = False) -> np.ndarray:
         view = t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     else:
         view = t.numpy()
-    return view if shared else view.copy()
+    if not shared:
+        return view.copy()
+    view.flags.writeable = False  # dlbjax never writes into the user's model through it
+    return view
 
 
 def _op_name(target: Any) -> str:

@@ -49,6 +49,7 @@ def test_float32_cpu_weights_are_shared_not_copied(mlp, data):
         c = ex.plan.consts[name]
         assert c.unsafe_buffer_pointer() == p.data_ptr(), name  # the JAX constant aliases it
         assert np.shares_memory(ex.program.const_values[name], p.detach().numpy())
+        assert not ex.program.const_values[name].flags.writeable  # never written through
     assert {n for n, _, _ in ex.plan.shared} == set(params)
 
 
@@ -58,6 +59,9 @@ def test_other_dtypes_are_copies(mlp, data):
     for name, p in _params(half).items():
         assert ex.plan.consts[name].dtype == np.float32
         assert ex.plan.consts[name].unsafe_buffer_pointer() != p.data_ptr()
+        # one float32 copy, not two: the program's host value is a view of the JAX array
+        assert ex.program.const_values[name].ctypes.data == \
+            ex.plan.consts[name].unsafe_buffer_pointer()
     assert ex.plan.shared == ()
 
     class WithIds(nn.Module):  # an int64 buffer is narrowed to int32 (x64 off): a copy
