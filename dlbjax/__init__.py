@@ -12,9 +12,9 @@ and ARCHITECTURE.md for where each stage lives.
 """
 
 from ._errors import (DLBJaxError, DtypeError, DuplicateRegistrationError, ExportError,
-                      InputMismatchError, InvalidProgramError, MethodError, NoExpertsError,
-                      NoLayersError, NonFiniteError, TargetError, UnsupportedOp,
-                      UnsupportedOperationError)
+                      InputMismatchError, InvalidProgramError, MethodError, ModelTooLargeError,
+                      NoExpertsError, NoLayersError, NonFiniteError, TargetError, UnsupportedOp,
+                      UnsupportedOperationError, WeightsChangedError)
 from ._types import Streams
 from ._result import Conservation, Explanation, load_explanation
 from ._explain import Explainer, explain
@@ -33,5 +33,6 @@ __all__ = [
     "generate", "Generator", "Generation", "load_results", "enable_compilation_cache",
     "DLBJaxError", "UnsupportedOperationError", "UnsupportedOp", "InputMismatchError",
     "ExportError", "InvalidProgramError", "TargetError", "NonFiniteError", "DtypeError",
-    "NoLayersError", "NoExpertsError", "MethodError", "DuplicateRegistrationError", "__version__",
+    "NoLayersError", "NoExpertsError", "MethodError", "DuplicateRegistrationError",
+    "ModelTooLargeError", "WeightsChangedError", "__version__",
 ]

@@ -89,3 +89,22 @@ class MethodError(DLBJaxError, ValueError):
 class DuplicateRegistrationError(DLBJaxError, ValueError):
     """A second lowering for an operator, or a second rule for an (operator, method) pair: each
     has exactly one, so a registration never silently replaces another."""
+
+
+class ModelTooLargeError(DLBJaxError, MemoryError):
+    """The model will not fit in the memory of the device it is explained on: raised while the
+    Explainer is built, before anything large is allocated, with the estimate (``needed``,
+    ``available`` in bytes, ``parts``: bytes by what they hold) and the options that would make
+    it fit (``options``)."""
+
+    def __init__(self, message: str, needed: int = 0, available: int = 0,
+                 parts: dict | None = None, options: tuple = ()):
+        super().__init__(message)
+        self.needed, self.available = int(needed), int(available)
+        self.parts, self.options = dict(parts or {}), tuple(options)
+
+
+class WeightsChangedError(DLBJaxError, RuntimeError):
+    """A torch model's weights were changed in place after the Explainer was built. The Explainer
+    shares the weight memory of CPU models (no second copy), so its checks and precomputed |W|
+    would no longer describe them: build a new Explainer after training or loading weights."""

@@ -67,7 +67,15 @@ class Explainer:
     - ``compute_dtype``: ``"float32"`` (default; half-precision models computed in float32),
       ``"bfloat16"``/``"float16"`` (half forward, float32 rules and results), ``"float64"`` or
       None.
-    - ``precompute_magnitudes``: keep |W| of dense/conv weights instead of recomputing it.
+    - ``precompute_magnitudes``: ``"auto"`` (default: keep |W| of dense/conv weights when it is
+      at most 512 MiB and 1/8 of the free device memory), True (keep it) or False (recompute it
+      in each call); bitwise-equal relevance either way.
+
+    Memory: a CPU torch model's weights are shared, not copied (zero-copy views; a weight
+    changed in place afterwards makes the next call raise :class:`dlbjax.WeightsChangedError`:
+    build a new Explainer after training). A model that will not fit on the device raises
+    :class:`dlbjax.ModelTooLargeError` with the estimate and the options that would make it fit.
+    Long builds log their stages on the ``"dlbjax"`` logger at INFO level.
     - ``max_batch``: most rows per compiled call.
     - ``devices``: the devices to shard rows over (default: all local devices).
     - ``thresholding``: segmentation, the probability above which a pixel is seeded.
@@ -95,7 +103,7 @@ class Explainer:
                  output: Any = 0, batch_axis: Optional[int] = 0, experimental_gating: bool = False,
                  product_rule: str = "half", attention_value_fraction: float = 0.5,
                  buckets: Any = None, router_relevance: bool = False,
-                 compute_dtype: Any = "float32", precompute_magnitudes: bool = True,
+                 compute_dtype: Any = "float32", precompute_magnitudes: Any = "auto",
                  max_batch: Optional[int] = None, devices: Any = None,
                  thresholding: float = 0.5, method: str = "dlb", steps: Optional[int] = None,
                  baseline: Any = None, ig_method: Optional[str] = None,

@@ -13,6 +13,8 @@ running it is the runner's job (``dlbjax._runner``).
 from __future__ import annotations
 
 import dataclasses
+import logging
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -22,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._config import Config
-from ._errors import DtypeError, InputMismatchError, MethodError, NonFiniteError, TargetError
+from ._errors import (DtypeError, InputMismatchError, MethodError, NonFiniteError, TargetError,
+                      WeightsChangedError)
 from ._tasks import Task, resolve_task
 from .engine.analysis import Analysis, analyze
 from .engine.gradient import check_gradient_method, gradient_row
@@ -37,13 +40,18 @@ from .composites import resolve
 from .passes.canonize import fold_batch_norm
 from .lowerings.fused import FUSED_OP
 from .passes.fuse import fuse_modules
-from .passes.magnitudes import precompute_magnitudes
+from .passes.magnitudes import MemoryPlan, magnitude_names, plan_memory, precompute_magnitudes
 from .passes.moe import find_moe_layers
 from .passes.precision import resolve_compute_dtype
 from .rules import Options
 from ._torch import is_module, is_tensor
 
 __all__ = ["Plan", "prepare", "prepare_jax"]
+
+# progress of long builds (export, placing the constants, compiling): INFO lines on the "dlbjax"
+# logger, silent unless enabled (logging.getLogger("dlbjax").setLevel("INFO") with a handler,
+# or logging.basicConfig(level="INFO"))
+_log = logging.getLogger("dlbjax")
 
 
 @dataclass(frozen=True, eq=False)
@@ -59,7 +67,10 @@ class Plan:
     routed layers on the relevance path; ``x64``: the model computes in float64;
     ``compute_dtype``: what half precision is computed in (None: unchanged); ``model_name``: the
     model's class name (task resolution); ``constant_names``: the learned tensors and constants
-    that index maps copy into the stream, the columns of ``RowResult.constants``.
+    that index maps copy into the stream, the columns of ``RowResult.constants``; ``shared``:
+    the torch model's tensors whose memory ``consts`` aliases (zero-copy, CPU float32 etc.), with
+    their version at build time (:meth:`check_weights`); ``memory``: the memory estimate and the
+    ``precompute_magnitudes`` decision (``dlbjax.passes.magnitudes.MemoryPlan``).
     """
 
     config: Config
@@ -82,6 +93,9 @@ class Plan:
     # the program as imported, before a method's own passes (batch-norm folding of the LRP
     # family): what Plan.replace derives from
     imported: Optional[Program] = None
+    # the model's tensors whose memory ``consts`` shares: (name, tensor alias, version at build)
+    shared: tuple = ()
+    memory: Optional[MemoryPlan] = None  # the memory estimate and the |W| decision
 
     def replace(self, config: Config) -> "Plan":
         """The same imported program under other options: re-analysed, its task resolved again, its
@@ -91,9 +105,23 @@ class Plan:
         if changed:
             raise ValueError(f"{', '.join(changed)} change the imported program; build a new "
                              "Explainer for them")
-        return _derive(config, self.imported if self.imported is not None else self.program,
+        plan = _derive(config, self.imported if self.imported is not None else self.program,
                        self.input_names, self.row_specs, self.compute_dtype, self.model_name,
                        self.consts)
+        return dataclasses.replace(plan, shared=self.shared)
+
+    def check_weights(self) -> None:
+        """Raise :class:`~dlbjax.WeightsChangedError` when a model tensor that ``consts`` shares
+        was changed in place since the Explainer was built (torch's version counter moved)."""
+        for name, tensor, version in self.shared:
+            if tensor._version != version:
+                raise WeightsChangedError(
+                    f"the model's tensor '{name}' was changed in place after this Explainer was "
+                    "built (training, load_state_dict, an in-place op). The Explainer shares the "
+                    "weight memory of the model instead of copying it, so its checks and "
+                    "precomputed |W| no longer describe the weights: build a new Explainer "
+                    "(dlbjax.Explainer(model, example)) after changing them, or build it from a "
+                    "copy (copy.deepcopy(model)) to keep explaining the old weights")
 
     def check_task(self) -> Task:
         if self.task_error is not None:
@@ -202,14 +230,44 @@ def prepare(model: torch.nn.Module, example_inputs: Any, config: Config) -> Plan
     bound = importers.bind_inputs(model, example_inputs)
     _check_devices(model, bound)
     args, kwargs, _ = _row_slice(bound, config.batch_axis)
+    t0 = time.perf_counter()
     program = fuse_modules(importers.import_bound(importers.static_experts_copy(model),
                                                   importers.BoundInputs(args, kwargs, bound.names,
                                                                         [])))
+    _log.info("dlbjax: %s exported and translated (%d equations, %d constants) in %.1f s",
+              type(model).__name__, len(program.eqns), len(program.constants),
+              time.perf_counter() - t0)
     # callers pass the model's own dtypes; half precision is computed in compute_dtype
     row_specs = tuple((v.name, tuple(v.shape), v.dtype) for v in program.inputs)
     program, compute_dtype = resolve_compute_dtype(program, config.compute_dtype)
-    return _derive(config, program, tuple(bound.names), row_specs, compute_dtype,
+    plan = _derive(config, program, tuple(bound.names), row_specs, compute_dtype,
                    type(model).__name__, None)
+    return dataclasses.replace(plan, shared=_shared_tensors(model, plan.consts))
+
+
+def _shared_tensors(model, consts: dict) -> tuple:
+    """(name, tensor alias, version) of the model's parameters and buffers whose memory a JAX
+    constant aliases (CPU, same dtype: ``constants_to_jax``). Sharing is a decision: a CPU model
+    is not copied (an Explainer costs about its |W| and activations on top of the model, not
+    another copy of the weights); in exchange, an in-place change of those tensors (an optimizer
+    step, ``load_state_dict``) is detected through torch's version counter and the next call
+    raises WeightsChangedError. A change through ``.data`` bypasses the counter and is not
+    detected: build a new Explainer after changing weights that way."""
+    tensors = {}
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.device.type == "cpu" and t.numel() > 0:
+            tensors.setdefault(t.data_ptr(), (name, t))
+    out = []
+    for key, value in consts.items():
+        try:
+            ptr = value.unsafe_buffer_pointer()
+        except Exception:  # noqa: BLE001 (a sharded or deleted array: not shared)
+            continue
+        hit = tensors.get(ptr)
+        if hit is not None:
+            alias = hit[1].detach()  # shares the version counter, not the Parameter object
+            out.append((hit[0], alias, alias._version))
+    return tuple(out)
 
 
 def prepare_jax(fn, params: Any, example_inputs: Any, config: Config) -> Plan:
@@ -334,14 +392,26 @@ def _derive(config: Config, program: Program, input_names: tuple, row_specs: tup
                               f"{task.name} outputs (use mode='default')")
     except TargetError as exc:
         task, task_error = None, exc
-    if consts is None:
-        consts = constants_to_jax(program)
     gradient = config.gradient_params
     if gradient is not None:
         check_gradient_method(program, analysis, gradient, input_names)
-    # |W| and the constants' columns serve the DLB rules only
-    mags = precompute_magnitudes(program, analysis, options, consts) \
-        if config.precompute_magnitudes and gradient is None else {}
+    # |W| and the constants' columns serve the DLB rules only; whether |W| is kept and whether
+    # the model fits at all is decided before anything large is allocated
+    names = magnitude_names(program, analysis, options) \
+        if config.precompute_magnitudes and gradient is None else []
+    devices = config.devices or (jax.devices()[0],)
+    memory = plan_memory(program, names, config.precompute_magnitudes, config.max_batch,
+                         devices[0], place_weights=consts is None, compute_dtype=compute_dtype)
+    t0 = time.perf_counter()
+    if consts is None:
+        consts = constants_to_jax(program)
+        _drop_host_copies(consts, program, imported)
+    mags = precompute_magnitudes(program, analysis, options, consts, names) \
+        if memory.keep_magnitudes else {}
+    _log.info("dlbjax: constants placed (%.2f GiB copied to %s), |W| %s (%.2f GiB) in %.1f s",
+              memory.weights / 2**30, devices[0],
+              "precomputed" if mags else "computed in each call", memory.magnitudes / 2**30,
+              time.perf_counter() - t0)
     moe = tuple(m for m in find_moe_layers(program) if m.weighted in analysis.carries)
     return Plan(config=config, program=program, input_names=input_names,
                 row_specs=row_specs, explained=explained, analysis=analysis, options=options,
@@ -349,7 +419,30 @@ def _derive(config: Config, program: Program, input_names: tuple, row_specs: tup
                 out_size=task.size(out_var.shape) if task else 0, consts=consts, mags=mags,
                 moe_layers=moe, x64=x64, compute_dtype=compute_dtype, model_name=model_name,
                 constant_names=constant_slots(program, analysis, options.method)[0]
-                if gradient is None else (), imported=imported)
+                if gradient is None else (), imported=imported, memory=memory)
+
+
+def _drop_host_copies(consts: dict, *programs: Program) -> None:
+    """One copy of each constant, not two: where ``constants_to_jax`` had to copy a host value
+    (a float32 promotion of half-precision weights, an unaligned array) the program's numpy value
+    is replaced by a read-only view of the JAX array (same dtype, same bits), so the host copy is
+    freed. Values the JAX array aliases (a torch model's shared weights) and values of another
+    dtype (int64 ids narrowed to int32) stay as they are."""
+    for program in programs:
+        values = program.const_values
+        for name, arr in consts.items():
+            old = values.get(name)
+            if not isinstance(old, np.ndarray) or arr.dtype != old.dtype:
+                continue
+            try:
+                if arr.unsafe_buffer_pointer() == old.ctypes.data:
+                    continue
+                view = np.asarray(arr)
+            except Exception:  # noqa: BLE001 (an array not on the host)
+                continue
+            if view.shape == old.shape and \
+                    view.ctypes.data == arr.unsafe_buffer_pointer():
+                values[name] = view
 
 
 def _output_index(program: Program, output) -> int:

@@ -131,6 +131,7 @@ class Runner:
             raise DtypeError("this Explainer was built for a float64 model with jax_enable_x64 on; "
                              "turn it on again (jax.config.update('jax_enable_x64', True)) before "
                              "calling it, or rebuild the Explainer from a float32 model")
+        self.plan.check_weights()  # a shared torch weight changed in place: WeightsChangedError
         devs = self.devices
         n = len(classes)
         default = len(devs) == 1 and devs[0] == jax.devices()[0]

@@ -35,13 +35,27 @@ def torch_dtype_name(dtype: torch.dtype) -> str:
     return name
 
 
-def tensor_to_numpy(t: torch.Tensor) -> np.ndarray:
-    """A numpy copy of a tensor on any device; bfloat16 goes through ml_dtypes."""
-    t = t.detach().cpu()
+def tensor_to_numpy(t: torch.Tensor, share: bool = False) -> np.ndarray:
+    """A numpy copy of a tensor on any device; bfloat16 goes through ml_dtypes.
+
+    ``share=True``: a zero-copy view when the tensor is a contiguous CPU tensor (the constants of
+    an imported model, so that dlbjax does not hold a second copy of the weights; see
+    :func:`translate`), a copy otherwise. The view is taken of a ``detach()`` alias, which keeps
+    the storage alive even if the parameter's ``.data`` is later replaced, and which shares the
+    parameter's version counter (in-place changes stay visible to ``t._version``); it is
+    read-only."""
+    t = t.detach()
+    shared = share and t.device.type == "cpu" and t.is_contiguous()
+    t = t.cpu().contiguous()
     if t.dtype == torch.bfloat16:
         import ml_dtypes
-        return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
-    return t.contiguous().numpy().copy()
+        view = t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    else:
+        view = t.numpy()
+    if not shared:
+        return view.copy()
+    view.flags.writeable = False  # dlbjax never writes into the user's model through it
+    return view
 
 
 def _op_name(target: Any) -> str:
@@ -105,6 +119,12 @@ def translate(ep, input_names: list[str]) -> Program:
     """Build the IR from an exported (and decomposed) program.
 
     ``input_names`` names the tensor user inputs in the order torch.export flattened them.
+
+    Constant values (parameters, buffers, lifted constants) are zero-copy numpy views of the
+    exported program's tensors where they are contiguous CPU tensors -- the model's own
+    parameters (``torch.export`` does not copy them) -- and copies otherwise (GPU tensors,
+    non-contiguous ones). Nothing else of ``ep`` is kept: the program holds no reference to the
+    ExportedProgram or its graph module, which are freed when the caller drops them.
     """
     specs = {s.arg.name: s for s in ep.graph_signature.input_specs}
     env: dict[torch.fx.Node, Any] = {}
@@ -149,7 +169,7 @@ def translate(ep, input_names: list[str]) -> Program:
                     raise ExportError(f"constant '{target}' is a {type(value).__name__}, not a tensor")
                 var = Var(target, tuple(value.shape), torch_dtype_name(value.dtype))
                 constants.append(var)
-                const_values[target] = tensor_to_numpy(value)
+                const_values[target] = tensor_to_numpy(value, share=True)
                 const_kinds[target] = {InputKind.PARAMETER: "parameter", InputKind.BUFFER: "buffer",
                                        InputKind.CONSTANT_TENSOR: "constant"}[spec.kind]
                 env[node] = var

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -16,11 +17,22 @@ __all__ = ["evaluate", "constants_to_jax", "missing_lowerings"]
 
 
 def constants_to_jax(program: Program) -> dict[str, jnp.ndarray]:
-    """The program's constant values as JAX arrays (int64 -> int32 unless x64 is enabled)."""
+    """The program's constant values as JAX arrays (int64 -> int32 unless x64 is enabled).
+
+    A value that already has its JAX dtype is placed with ``jax.device_put``, which on the CPU
+    aliases a suitably aligned numpy array instead of copying it: a torch model's weights
+    (zero-copy numpy views, ``importers/_translate.py``) are then shared, not duplicated. Values
+    of another dtype (int64 ids without x64, half precision promoted to float32) and every value
+    on an accelerator are copies. Either way the values are the same bits.
+    """
     out = {}
     for var in program.constants:
-        value = program.const_values[var.name]
-        out[var.name] = jnp.asarray(np.asarray(value), dtype=jnp_dtype(var.dtype))
+        value = np.asarray(program.const_values[var.name])
+        dtype = jnp_dtype(var.dtype)
+        if value.dtype == np.dtype(dtype):
+            out[var.name] = jax.device_put(value)
+        else:
+            out[var.name] = jnp.asarray(value, dtype=dtype)
     return out
 
 

@@ -3,9 +3,11 @@
 The default-mode dense/conv rule (``rules/_math.py``, ``_magnitude_rule``) needs |W| for its two extra
 products. Computed inside the compiled pass, |W| is a full read and write of every weight on every
 call: about 15-20% of a BERT-base explanation at batch 1 on CPU (see benchmarks/RESULTS.md). The
-Explainer computes it once, keeps it next to the constants (the dense/conv weights' memory once
-more) and passes it to the compiled function as an argument; the relevance pass hands it to the
-rule as ``ctx.magnitude(i)``. Results are bit-identical: it is the same ``jnp.abs``.
+Explainer can compute it once, keep it next to the constants (the dense/conv weights' memory once
+more) and pass it to the compiled function as an argument; the relevance pass hands it to the
+rule as ``ctx.magnitude(i)``. Results are bit-identical: it is the same ``jnp.abs``. Whether it
+does is ``precompute_magnitudes`` (True, False, or ``"auto"``: only when |W| fits a budget, see
+:func:`plan_memory`), which also checks that the model fits on its device at all.
 
 Only weights that the magnitude form will read are cached: constant operands with two or more
 axes of affine ops on the relevance path, in default mode, not gated by a non-monotone
@@ -15,9 +17,16 @@ nothing.
 
 from __future__ import annotations
 
-from typing import Optional
+import os
+from dataclasses import dataclass
+from typing import Optional, Union
 
+import jax
 import jax.numpy as jnp
+import numpy as np
+
+from dlbjax._dtypes import jnp_dtype
+from dlbjax._errors import ModelTooLargeError
 
 from dlbjax.ir import Program, Var
 from dlbjax.lowerings import Kind, is_kind
@@ -25,7 +34,8 @@ from dlbjax.lowerings.affine import is_transposed_conv
 from dlbjax.rules import Options
 
 __all__ = ["magnitude_names", "precompute_magnitudes", "conv_weight_names", "split_layouts",
-           "restore_layouts"]
+           "restore_layouts", "available_bytes", "plan_memory", "MemoryPlan",
+           "AUTO_MAGNITUDE_BYTES", "AUTO_MAGNITUDE_FRACTION"]
 
 
 def magnitude_names(program: Program, analysis, options: Options) -> list[str]:
@@ -47,9 +57,143 @@ def magnitude_names(program: Program, analysis, options: Options) -> list[str]:
     return names
 
 
-def precompute_magnitudes(program: Program, analysis, options: Options, consts: dict) -> dict:
-    """name -> |value| for every weight the magnitude form reads (computed once, eagerly)."""
-    return {n: jnp.abs(consts[n]) for n in magnitude_names(program, analysis, options)}
+def precompute_magnitudes(program: Program, analysis, options: Options, consts: dict,
+                          names: Optional[list] = None) -> dict:
+    """name -> |value| for every weight the magnitude form reads (computed once, eagerly);
+    ``names``: those weights when already known (:func:`magnitude_names`)."""
+    if names is None:
+        names = magnitude_names(program, analysis, options)
+    return {n: jnp.abs(consts[n]) for n in names}
+
+
+# ------------------------------------------------------------------------------------------------
+# Memory: does the model fit, and is there room for |W|?
+# ------------------------------------------------------------------------------------------------
+# precompute_magnitudes="auto" (the default) keeps |W| only when its bytes are at most
+# AUTO_MAGNITUDE_BYTES and at most AUTO_MAGNITUDE_FRACTION of the memory available on the device
+# when the Explainer is built: BERT-base (|W| ~0.34 GB) keeps the 15-20% speed-up of a cached
+# |W|; a LLaMA-shaped model of a few GB computes |W| inside each call instead (a transient
+# per-weight buffer, not a resident copy), so the Explainer's resident memory stays near the
+# model's own weights. The relevance is bitwise the same either way (the same jnp.abs).
+AUTO_MAGNITUDE_BYTES = 512 * 2**20
+AUTO_MAGNITUDE_FRACTION = 1 / 8
+
+
+def available_bytes(device=None) -> Optional[int]:
+    """Bytes free on ``device`` (default: JAX's default device), or None when unknown: an
+    accelerator's ``memory_stats()`` (``bytes_limit - bytes_in_use``); the host's available RAM
+    (``MemAvailable`` of /proc/meminfo, else ``os.sysconf``) for CPU devices."""
+    if device is None:
+        device = jax.devices()[0]
+    if device.platform != "cpu":
+        try:
+            stats = device.memory_stats() or {}
+        except Exception:  # noqa: BLE001 (a backend without statistics)
+            stats = {}
+        if "bytes_limit" in stats:
+            return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _nbytes(var: Var) -> int:
+    return int(np.prod(var.shape, dtype=np.int64)) * np.dtype(jnp_dtype(var.dtype)).itemsize
+
+
+def _shared_on_cpu(value, var: Var) -> bool:
+    """Whether ``jax.device_put`` can alias this constant (constants_to_jax) rather than copy."""
+    value = np.asarray(value)
+    return value.dtype == np.dtype(jnp_dtype(var.dtype)) and value.flags.c_contiguous \
+        and value.ctypes.data % 64 == 0
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What building and calling the Explainer will allocate on its device, in bytes:
+    ``weights`` (constants copied to the device: all of them on an accelerator; on the CPU only
+    those that cannot be shared, e.g. int64 buffers narrowed to int32), ``magnitudes`` (|W|,
+    when kept), ``activations`` (an estimate for one call of ``rows`` rows: the forward's values,
+    which the relevance pass keeps, and as many relevances), ``available`` (None: unknown) and
+    ``keep_magnitudes`` (the decision for ``precompute_magnitudes``)."""
+
+    weights: int
+    magnitudes: int
+    activations: int
+    rows: int
+    available: Optional[int]
+    keep_magnitudes: bool
+
+    @property
+    def needed(self) -> int:
+        return self.weights + (self.magnitudes if self.keep_magnitudes else 0) + self.activations
+
+
+def plan_memory(program: Program, mag_names: list, precompute: Union[bool, str],
+                max_batch: Optional[int], device=None, place_weights: bool = True,
+                compute_dtype: Optional[str] = None) -> MemoryPlan:
+    """Decide ``precompute_magnitudes`` (True, False or ``"auto"``: see AUTO_MAGNITUDE_BYTES) and
+    check that the model fits: raises :class:`~dlbjax._errors.ModelTooLargeError` with the
+    estimate and the options that would make it fit when the bytes needed exceed the bytes
+    available (``available_bytes``; no check when unknown). ``place_weights``: the constants
+    are still to be placed (False when an Explainer re-derives from placed constants)."""
+    if device is None:
+        device = jax.devices()[0]
+    cpu = device.platform == "cpu"
+    weights = 0
+    if place_weights:
+        for c in program.constants:
+            if not cpu or not _shared_on_cpu(program.const_values[c.name], c):
+                weights += _nbytes(c)
+    by_name = {c.name: c for c in program.constants}
+    mags = sum(_nbytes(by_name[n]) for n in mag_names)
+    rows = max_batch or 1
+    per_row = sum(_nbytes(o) for e in program.eqns for o in e.outputs)
+    per_row += sum(_nbytes(v) for v in program.inputs)
+    activations = 2 * per_row * rows
+    available = available_bytes(device)
+    if precompute == "auto":
+        cap = AUTO_MAGNITUDE_BYTES if available is None else \
+            min(AUTO_MAGNITUDE_BYTES, int(available * AUTO_MAGNITUDE_FRACTION))
+        keep = bool(mag_names) and mags <= cap
+    else:
+        keep = bool(precompute) and bool(mag_names)
+    plan = MemoryPlan(weights, mags, activations, rows, available, keep)
+    if available is not None and plan.needed > available:
+        gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+        options = []
+        if keep:
+            options.append(f"precompute_magnitudes=False (or 'auto'): saves {gib(mags)} of |W|, "
+                           "computed inside each call instead")
+        if compute_dtype is not None:
+            options.append("compute_dtype=None: keeps the half-precision weights as they are "
+                           "instead of float32 copies (relevance then has the model's rounding)")
+        if rows > 1:
+            options.append(f"a smaller max_batch (now {rows}): activations are about "
+                           f"{gib(2 * per_row)} per row")
+        elif max_batch is None:
+            options.append(f"max_batch=1 bounds each call's activations (about "
+                           f"{gib(2 * per_row)} per row)")
+        options.append("a device with more memory (devices=[...]), or a smaller model")
+        parts = {"weights": weights, "magnitudes": mags if keep else 0,
+                 "activations": activations}
+        raise ModelTooLargeError(
+            f"the model will not fit on {device}: dlbjax needs about {gib(plan.needed)} "
+            f"(weights copied to the device {gib(weights)}, |W| {gib(mags if keep else 0)}, "
+            f"activations for {rows} row{'s' if rows > 1 else ''} {gib(activations)}) and "
+            f"{gib(available)} is available. Options:\n"
+            + "\n".join(f"  - {o}" for o in options),
+            needed=plan.needed, available=available, parts=parts, options=tuple(options))
+    return plan
 
 
 # ------------------------------------------------------------------------------------------------
