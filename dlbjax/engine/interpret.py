@@ -77,7 +77,7 @@ def evaluate(program: Program, consts: Mapping[str, Any], inputs: Sequence[Any],
                 return tuple(benv[v] for v in run.body_out), None
 
             final, _ = jax.lax.scan(body, tuple(env[v] for v in run.init),
-                                    [consts[k] for k in keys])
+                                    [consts[k] for k in keys], length=run.count)
             env.update(zip(run.final, final))
             i = run.stop
             continue

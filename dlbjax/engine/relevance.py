@@ -388,7 +388,8 @@ def _scan_run(run, program: Program, env: dict, consts, magnitudes, step) -> boo
         return tuple(t for _, t in out), None
 
     try:
-        final, _ = jax.lax.scan(body, tuple(t for _, t in packed), (w_stack, m_stack))
+        final, _ = jax.lax.scan(body, tuple(t for _, t in packed), (w_stack, m_stack),
+                                length=run.count)
     except _KindMismatch:
         return False
     for v, kind, tree in zip(run.final, kinds, final):
