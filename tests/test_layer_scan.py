@@ -165,9 +165,26 @@ def _compare(a, b) -> float:
 HF = pytest.importorskip("hf_zoo", reason="transformers is needed")
 
 
-@pytest.mark.parametrize("name", [n for n in HF.ALL])
+def _extra(name):
+    """Decoders not in hf_zoo: GPT-2 (Conv1D layers) and Mistral (sliding-window attention)."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if name == "gpt2":
+        m = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=3, n_head=4, vocab_size=128,
+                                             n_positions=64, attn_implementation="sdpa"))
+    else:
+        m = tf.MistralForCausalLM(tf.MistralConfig(
+            hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=64, vocab_size=128, max_position_embeddings=64, sliding_window=4,
+            attn_implementation="sdpa"))
+    return m.eval(), HF.inputs("llama")
+
+
+@pytest.mark.parametrize("name", [n for n in HF.ALL] + ["gpt2", "mistral"])
 def test_hf_scanned_equals_unrolled(name):
-    model, x = HF.tiny(name), HF.inputs(name)
+    model, x = (HF.tiny(name), HF.inputs(name)) if name in HF.ALL else _extra(name)
     unrolled = dlbjax.Explainer(model, x, scan_layers=False)
     assert unrolled.plan.runs == ()
     scanned = unrolled.replace(scan_layers=True)  # 2 layers: scanned with True (>= 2)
@@ -241,3 +258,24 @@ def test_compile_size_is_flat_in_depth():
     (s3, u3), (s8, u8) = sizes[3], sizes[8]
     assert s3 == s8, sizes           # scanned: the same program whatever the depth
     assert u8 > u3 + 4 * (u3 // 4), sizes  # unrolled grows with every layer
+
+
+ZOO_SEQUENCES = ["BERT (HF)", "LLaMA (HF)", "XLNet (HF)", "T5 (HF, decoder_input_ids)",
+                 "Swin (HF)", "Mamba (HF)"]
+
+
+@pytest.mark.parametrize("name", ZOO_SEQUENCES)
+def test_zoo_scanned_equals_unrolled(name):
+    """tests/zoo.py's sequence models as built there (padded rows in BERT and LLaMA); a model
+    without a run of identical layers is explained unrolled, which is also checked."""
+    zoo = pytest.importorskip("zoo")
+    entry = zoo.ZOO[name]
+    model, x = entry.build()
+    unrolled = dlbjax.Explainer(model, x, scan_layers=False, **entry.options)
+    scanned = unrolled.replace(scan_layers=True)
+    print(f"{name}: runs {scanned.plan.runs}")
+    for mode in ("default", "contrastive"):
+        u = unrolled if mode == "default" else unrolled.replace(mode=mode)
+        s = scanned if mode == "default" else scanned.replace(mode=mode)
+        err = _compare(s(x), u(x))
+        print(f"{name} {mode}: max relative difference {err:.3g}")

@@ -35,6 +35,7 @@ from dlbjax.ir import Eqn, Program, Var
 __all__ = ["Run", "find_runs", "stack_weights", "weight_key", "MIN_COUNT"]
 
 MIN_COUNT = 3  # scan_layers="auto": fewer identical blocks are not worth a scan
+_CHECKS = 2000  # most dataflow checks of candidate runs per program (each is linear in it)
 
 
 @dataclass(frozen=True, eq=False)
@@ -213,6 +214,7 @@ def find_runs(program: Program, an, options, *, min_count: int = MIN_COUNT,
     candidates.sort(key=lambda c: (-((c[1] - c[0]) // c[2]) * c[2], c[2], c[0]))
     taken: list = []
     runs = []
+    budget = [_CHECKS]
     for a, b, L in candidates:
         if any(a < t1 and t0 < b for t0, t1 in taken):
             # the stretch overlaps a chosen run: keep the part before it, if any
@@ -221,8 +223,10 @@ def find_runs(program: Program, an, options, *, min_count: int = MIN_COUNT,
                 continue
         run = None
         for s in range(a, min(a + L, b - min_count * L + 1)):
+            if budget[0] <= 0:
+                break  # a pathological program: stop looking, what is found stays
             run = _verify(program, facts, producer, consumers, outputs, s, L,
-                          (b - s) // L, min_count)
+                          (b - s) // L, min_count, budget)
             if run is not None:
                 break
         if run is not None:
@@ -231,9 +235,10 @@ def find_runs(program: Program, an, options, *, min_count: int = MIN_COUNT,
     return sorted(runs, key=lambda r: r.start)
 
 
-def _verify(program, facts, producer, consumers, outputs, start, L, count, min_count):
+def _verify(program, facts, producer, consumers, outputs, start, L, count, min_count, budget):
     """The longest valid run of up to ``count`` blocks of ``L`` equations from ``start``."""
-    while count >= min_count:
+    while count >= min_count and budget[0] > 0:
+        budget[0] -= 1
         run = _check(program, facts, producer, consumers, outputs, start, L, count)
         if run is not None:
             return run
