@@ -358,15 +358,14 @@ def _scan_run(run, program: Program, env: dict, consts, magnitudes, step) -> boo
     block 1's equations through ``step(i, eqn, env, magnitudes)``; writes the last block's carry
     outputs into ``env``. Returns False (nothing done: the caller unrolls) when the carried
     values' kinds differ between the run's input and a block's output, known only now."""
-    from_layers = run_weights(run, consts, magnitudes)
-    if from_layers is None:
+    stacked = _run_weights(run, consts, magnitudes)
+    if stacked is None:
         return False
-    w_stack, m_stack = from_layers
+    w_stack, m_stack = stacked
     packed = [_pack(env[v]) for v in run.init]
     kinds = tuple(k for k, _ in packed)
     template = [(i, program.eqns[i]) for i in run.template]
     outer = dict(env)
-    body_out_kinds: list = []
 
     def body(carry, xs):
         ws, ms = xs
@@ -382,9 +381,8 @@ def _scan_run(run, program: Program, env: dict, consts, magnitudes, step) -> boo
         for i, eqn in template:
             step(i, eqn, benv, mags)
         out = [_pack(benv[v]) for v in run.body_out]
-        body_out_kinds[:] = [k for k, _ in out]
-        if tuple(body_out_kinds) != kinds:
-            raise _KindMismatch
+        if tuple(k for k, _ in out) != kinds:
+            raise _KindMismatch  # e.g. the run's input carries no relevance, its layers' do
         return tuple(t for _, t in out), None
 
     try:
@@ -401,7 +399,7 @@ class _KindMismatch(Exception):
     pass
 
 
-def run_weights(run, consts, magnitudes):
+def _run_weights(run, consts, magnitudes):
     """(stacked weights, stacked |W| or None each) of a run from the constants
     (``stack_weights``' keys); None when they are not there."""
     keys = [weight_key(run, tv) for tv, _ in run.weights]
