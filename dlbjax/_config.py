@@ -126,6 +126,15 @@ class Config:
       reductions under every LRP method (Zennit's ``Norm``); ``stabilizer=0`` makes ``"lrp-0"``
       exactly gradient x input on bias-free ReLU networks; ``canonize`` (True) folds batch norm into the layer
       before it (``dlbjax/passes/canonize.py``).
+    - ``scan_layers``: ``"auto"`` (default), True or False. Runs of structurally identical layers
+      (same equations, shapes, analysis facts and rules; only the weights differ,
+      ``dlbjax/passes/layers.py``) are compiled as one ``jax.lax.scan`` over stacked weights, so
+      build and first-call time stay flat in depth; results equal the unrolled pass up to float
+      rounding. ``"auto"`` scans a run of at least 3 identical blocks, True of at least 2, False
+      never. Unrolled whatever the value: ``layers=True`` (per-layer relevance reads inside the
+      layers), MoE models (router probes), the gradient family, equations that book relevance at
+      named constants (``Explanation.constants``), CPU conv weights in the CPU layout, and
+      ``relevance_function`` (it takes the per-layer constants).
     """
 
     mode: Mode = "default"
@@ -160,6 +169,7 @@ class Config:
     low: Any = None
     high: Any = None
     canonize: Optional[bool] = None
+    scan_layers: Any = "auto"
 
     def __post_init__(self):
         mode = self.mode
@@ -197,6 +207,9 @@ class Config:
             set_(self, "precompute_magnitudes", bool(pm))
         else:
             raise ValueError(f"precompute_magnitudes must be True, False or 'auto', not {pm!r}")
+        if self.scan_layers not in ("auto", True, False) or isinstance(self.scan_layers, int) \
+                and not isinstance(self.scan_layers, bool):
+            raise ValueError(f"scan_layers must be 'auto', True or False, not {self.scan_layers!r}")
         if not isinstance(self.task, str) or self.task.lower() not in TASK_ALIASES:
             raise TargetError(f"unknown task {self.task!r}; use one of {sorted(set(TASK_ALIASES))}")
         self._check_method()

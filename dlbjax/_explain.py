@@ -91,6 +91,10 @@ class Explainer:
       (``"epsilon-plus-flat"``, ``"epsilon-gamma-box"``, ``"epsilon-alpha2-beta1"``, ...), a
       :class:`dlbjax.composites.Composite` and ``"attnlrp"``; ``stabilizer``, ``canonize``
       (fold batch norm, default True). See :class:`dlbjax._config.Config`.
+    - ``scan_layers``: ``"auto"`` (default: a run of >= 3 identical layers compiles as one
+      ``lax.scan``, so build and first call stay flat in depth), True (>= 2) or False (unrolled).
+      Unrolled anyway with ``layers=True``, MoE models, the gradient family and
+      ``relevance_function`` (``dlbjax/passes/layers.py``, :class:`dlbjax._config.Config`).
 
     Each option is documented and validated in :class:`dlbjax._config.Config`. Attributes:
     ``config``, ``plan`` (the imported program, analysis, constants: ``dlbjax._plan.Plan``) and
@@ -112,7 +116,7 @@ class Explainer:
                  epsilon: Optional[float] = None, gamma: Optional[float] = None,
                  alpha: Optional[float] = None, beta: Optional[float] = None,
                  stabilizer: Optional[float] = None, low: Any = None, high: Any = None,
-                 canonize: Optional[bool] = None):
+                 canonize: Optional[bool] = None, scan_layers: Any = "auto"):
         self.config = Config(
             mode=mode, multiplier=multiplier, task=task, layers=layers, output=output,
             batch_axis=batch_axis, experimental_gating=experimental_gating,
@@ -122,7 +126,8 @@ class Explainer:
             thresholding=thresholding, method=method, steps=steps, baseline=baseline,
             ig_method=ig_method, samples=samples, noise=noise, seed=seed,
             multiply_by_inputs=multiply_by_inputs, epsilon=epsilon, gamma=gamma, alpha=alpha,
-            beta=beta, stabilizer=stabilizer, low=low, high=high, canonize=canonize)
+            beta=beta, stabilizer=stabilizer, low=low, high=high, canonize=canonize,
+            scan_layers=scan_layers)
         self._bucketing: Optional[Bucketing] = None
         self.runner: Optional[Runner] = None
         if not is_module(model):

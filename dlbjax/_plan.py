@@ -29,7 +29,7 @@ from ._errors import (DtypeError, InputMismatchError, MethodError, NonFiniteErro
 from ._tasks import Task, resolve_task
 from .engine.analysis import Analysis, analyze
 from .engine.gradient import check_gradient_method, gradient_row
-from .engine.origins import constant_slots
+from .engine.origins import FILL_OPS, constant_slots
 from .engine.interpret import constants_to_jax, missing_lowerings
 from .engine.relevance import relevance_row
 from . import importers  # its torch half (bind_inputs, import_bound, ...) loads on first use
@@ -40,6 +40,7 @@ from .composites import resolve
 from .passes.canonize import fold_batch_norm
 from .lowerings.fused import FUSED_OP
 from .passes.fuse import fuse_modules
+from .passes.layers import MIN_COUNT, find_runs
 from .passes.magnitudes import MemoryPlan, magnitude_names, plan_memory, precompute_magnitudes
 from .passes.moe import find_moe_layers
 from .passes.precision import resolve_compute_dtype
@@ -96,6 +97,8 @@ class Plan:
     # the model's tensors whose memory ``consts`` shares: (name, tensor alias, version at build)
     shared: tuple = ()
     memory: Optional[MemoryPlan] = None  # the memory estimate and the |W| decision
+    # runs of identical layers compiled as one lax.scan each (dlbjax/passes/layers.py)
+    runs: tuple = ()
 
     def replace(self, config: Config) -> "Plan":
         """The same imported program under other options: re-analysed, its task resolved again, its
@@ -413,13 +416,21 @@ def _derive(config: Config, program: Program, input_names: tuple, row_specs: tup
               "precomputed" if mags else "computed in each call", memory.magnitudes / 2**30,
               time.perf_counter() - t0)
     moe = tuple(m for m in find_moe_layers(program) if m.weighted in analysis.carries)
+    constant_names, slots = constant_slots(program, analysis, options.method) \
+        if gradient is None else ((), {})
+    runs = ()
+    if config.scan_layers is not False and gradient is None and not config.layers and not moe:
+        # equations that book relevance at named constants keep their own columns: unrolled
+        barriers = {i for i, _ in slots} | {i for i, e in enumerate(program.eqns)
+                                            if e.op in FILL_OPS}
+        runs = tuple(find_runs(program, analysis, options, mags=mags, barriers=barriers,
+                               min_count=MIN_COUNT if config.scan_layers == "auto" else 2))
     return Plan(config=config, program=program, input_names=input_names,
                 row_specs=row_specs, explained=explained, analysis=analysis, options=options,
                 task=task, task_error=task_error,
                 out_size=task.size(out_var.shape) if task else 0, consts=consts, mags=mags,
                 moe_layers=moe, x64=x64, compute_dtype=compute_dtype, model_name=model_name,
-                constant_names=constant_slots(program, analysis, options.method)[0]
-                if gradient is None else (), imported=imported, memory=memory)
+                constant_names=constant_names, imported=imported, memory=memory, runs=runs)
 
 
 def _drop_host_copies(consts: dict, *programs: Program) -> None:

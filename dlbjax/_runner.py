@@ -32,6 +32,7 @@ from ._plan import Plan
 from ._tasks import Seeding
 from .engine.gradient import gradient_row
 from .engine.relevance import RowResult, relevance_row
+from .passes.layers import stack_weights
 from .passes.magnitudes import conv_weight_names, restore_layouts, split_layouts
 
 __all__ = ["Runner", "is_out_of_memory", "ROW_AXIS"]
@@ -52,6 +53,7 @@ class Runner:
         self.chunk_limit: Optional[int] = None  # learned from an out-of-memory failure
         self._call_state = None
         self._placement = None
+        self.runs: tuple = ()  # the runs scanned (set with the call state)
         self.fn = jax.jit(self._batched)
 
     @property
@@ -87,7 +89,8 @@ class Runner:
         def row(inputs_row, cls, sel):
             return relevance_row(program, an, opts, consts, tuple(inputs_row),
                                  plan.task.seed_fn(seeding, cls, sel), explained=plan.explained,
-                                 layers=cfg.layers, taps=taps, probes=probes, magnitudes=mags)
+                                 layers=cfg.layers, taps=taps, probes=probes, magnitudes=mags,
+                                 runs=self.runs)
 
         return jax.vmap(row)(inputs, classes, select)
 
@@ -99,8 +102,15 @@ class Runner:
             plan = self.plan
             names = conv_weight_names(plan.program) \
                 if all(d.platform == "cpu" for d in self.devices) else []
-            self._call_state = split_layouts(plan.consts, plan.mags, names) if names else (
+            consts, mags, laid = split_layouts(plan.consts, plan.mags, names) if names else (
                 plan.consts, plan.mags, None)
+            # runs of identical layers: their weights stacked for one lax.scan each (a run with
+            # a weight in the CPU conv layout stays unrolled)
+            self.runs = tuple(r for r in plan.runs if not any(
+                v.name in names for _, blocks in r.weights for v in blocks))
+            if self.runs:
+                consts, mags = stack_weights(self.runs, consts, mags)
+            self._call_state = (consts, mags, laid)
         return self._call_state
 
     def compiled_args(self, arrays, classes, select) -> tuple:

@@ -12,6 +12,7 @@ from dlbjax._dtypes import jnp_dtype
 from dlbjax._errors import InvalidProgramError, UnsupportedOp, UnsupportedOperationError
 from dlbjax.ir import Program, Var, substitute
 from dlbjax.lowerings import TABLE, call_lowering
+from dlbjax.passes.layers import weight_key
 
 __all__ = ["evaluate", "constants_to_jax", "missing_lowerings"]
 
@@ -46,8 +47,13 @@ def missing_lowerings(program: Program) -> list[UnsupportedOp]:
     return out
 
 
-def evaluate(program: Program, consts: Mapping[str, Any], inputs: Sequence[Any]) -> list:
-    """The program's outputs for ``inputs`` (one array per program input, in order)."""
+def evaluate(program: Program, consts: Mapping[str, Any], inputs: Sequence[Any],
+             runs: tuple = ()) -> list:
+    """The program's outputs for ``inputs`` (one array per program input, in order).
+
+    ``runs``: runs of identical layers (``dlbjax.passes.layers.find_runs``), each computed as
+    one ``jax.lax.scan`` over its weights stacked in ``consts`` (``stack_weights``); a run
+    whose stacked weights are missing is unrolled."""
     missing = missing_lowerings(program)
     if missing:
         raise UnsupportedOperationError(missing)
@@ -57,9 +63,35 @@ def evaluate(program: Program, consts: Mapping[str, Any], inputs: Sequence[Any])
     for var, value in zip(program.inputs, inputs):
         env[var] = value
     for var in program.constants:
-        env[var] = consts[var.name]
-    for eqn in program.eqns:
+        if var.name in consts:  # a scanned run's weights come stacked
+            env[var] = consts[var.name]
+
+    def step(eqn, env):
         outs = call_lowering(eqn, substitute(eqn.args, env), substitute(eqn.kwargs, env))
         for var, value in zip(eqn.outputs, outs):
             env[var] = value
+
+    scan_at = {r.start: r for r in runs}
+    i = 0
+    while i < len(program.eqns):
+        run = scan_at.get(i)
+        keys = [weight_key(run, tv) for tv, _ in run.weights] if run is not None else None
+        if run is not None and all(k in consts for k in keys):
+            template = [program.eqns[j] for j in run.template]
+
+            def body(carry, ws, run=run, template=template):
+                benv = dict(env)
+                benv.update(zip(run.body_in, carry))
+                benv.update(zip((tv for tv, _ in run.weights), ws))
+                for eqn in template:
+                    step(eqn, benv)
+                return tuple(benv[v] for v in run.body_out), None
+
+            final, _ = jax.lax.scan(body, tuple(env[v] for v in run.init),
+                                    [consts[k] for k in keys], length=run.count)
+            env.update(zip(run.final, final))
+            i = run.stop
+            continue
+        step(program.eqns[i], env)
+        i += 1
     return [env[v] for v in program.outputs]

@@ -27,6 +27,7 @@ from dlbjax.engine.analysis import Analysis
 from dlbjax.engine.origins import FILL, FILL_OPS, constant_slots
 from dlbjax.ir import Eqn, Program, Var, substitute
 from dlbjax.lowerings import call_lowering
+from dlbjax.passes.layers import weight_key
 from dlbjax.rules import PER_STREAM, GateSpec, Options, RuleContext, RuleResult, get_rule
 
 __all__ = ["RowResult", "relevance_row"]
@@ -333,20 +334,100 @@ def _relevance_call(eqn: Eqn, index: int, env: dict, an: Analysis, options: Opti
 
 
 # ------------------------------------------------------------------------------------------------
+# A run of identical layers as one lax.scan
+# ------------------------------------------------------------------------------------------------
+def _pack(x):
+    """(static kind, pytree) of an environment value for a scan carry."""
+    if isinstance(x, _Carried):
+        if x.value is x.streams[0]:
+            return "F", tuple(x.streams)
+        return "T", (x.value, tuple(x.streams))
+    return "A", x
+
+
+def _unpack(kind, tree):
+    if kind == "F":
+        return _Carried(tree[0], tuple(tree))
+    if kind == "T":
+        return _Carried(tree[0], tuple(tree[1]))
+    return tree
+
+
+def _scan_run(run, program: Program, env: dict, consts, magnitudes, step) -> bool:
+    """Compute ``run`` (``dlbjax.passes.layers.Run``) as one ``jax.lax.scan`` whose body is
+    block 1's equations through ``step(i, eqn, env, magnitudes)``; writes the last block's carry
+    outputs into ``env``. Returns False (nothing done: the caller unrolls) when the carried
+    values' kinds differ between the run's input and a block's output, known only now."""
+    stacked = _run_weights(run, consts, magnitudes)
+    if stacked is None:
+        return False
+    w_stack, m_stack = stacked
+    packed = [_pack(env[v]) for v in run.init]
+    kinds = tuple(k for k, _ in packed)
+    template = [(i, program.eqns[i]) for i in run.template]
+    outer = dict(env)
+
+    def body(carry, xs):
+        ws, ms = xs
+        benv = dict(outer)
+        for v, kind, tree in zip(run.body_in, kinds, carry):
+            benv[v] = _unpack(kind, tree)
+        for (tv, _), w in zip(run.weights, ws):
+            benv[tv] = w
+        mags = dict(magnitudes or {})
+        for (tv, _), m in zip(run.weights, ms):
+            if m is not None:
+                mags[tv.name] = m
+        for i, eqn in template:
+            step(i, eqn, benv, mags)
+        out = [_pack(benv[v]) for v in run.body_out]
+        if tuple(k for k, _ in out) != kinds:
+            raise _KindMismatch  # e.g. the run's input carries no relevance, its layers' do
+        return tuple(t for _, t in out), None
+
+    try:
+        final, _ = jax.lax.scan(body, tuple(t for _, t in packed), (w_stack, m_stack),
+                                length=run.count)
+    except _KindMismatch:
+        return False
+    for v, kind, tree in zip(run.final, kinds, final):
+        env[v] = _unpack(kind, tree)
+    return True
+
+
+class _KindMismatch(Exception):
+    pass
+
+
+def _run_weights(run, consts, magnitudes):
+    """(stacked weights, stacked |W| or None each) of a run from the constants
+    (``stack_weights``' keys); None when they are not there."""
+    keys = [weight_key(run, tv) for tv, _ in run.weights]
+    if any(k not in consts for k in keys):
+        return None
+    mags = magnitudes or {}
+    return [consts[k] for k in keys], [mags.get(k) for k in keys]
+
+
+# ------------------------------------------------------------------------------------------------
 # One example
 # ------------------------------------------------------------------------------------------------
 def relevance_row(program: Program, an: Analysis, options: Options, consts: dict, inputs: tuple,
                   seed_fn: Callable, *, explained: int = 0, layers: bool = False,
                   taps: tuple = (), probes: tuple = (),
-                  magnitudes: Optional[dict] = None) -> RowResult:
+                  magnitudes: Optional[dict] = None, runs: tuple = ()) -> RowResult:
     """Forward + seed + VJP for one example. ``inputs`` has one array per program input.
 
     ``seed_fn(prediction, inputs_by_name) -> (seeds, target)`` builds the seed (a tuple with one
     array per stream) from the explained output's value. Returns a :class:`RowResult`; with
     ``layers`` its ``layers`` hold the relevance at every relevance-carrying intermediate
-    variable.
+    variable. ``runs``: runs of identical layers (``dlbjax.passes.layers``) computed as one
+    ``lax.scan`` each, their weights stacked in ``consts`` (``stack_weights``); not combined
+    with ``layers``/``taps``/``probes`` inside a run (the caller leaves ``runs`` empty then).
     """
     S = 2 if options.contrastive else 1
+    if layers or taps or probes:
+        runs = ()  # taps and probes read values inside the layers: unrolled
     float_in, token_in = {}, {}
     for v, x in zip(program.inputs, inputs):
         if v in an.carries:
@@ -378,10 +459,12 @@ def relevance_row(program: Program, an: Analysis, options: Options, consts: dict
             else:
                 env[v] = x
         for c in program.constants:
-            env[c] = consts[c.name]
-        for i, eqn in enumerate(program.eqns):
+            if c.name in consts:  # a scanned run's weights come stacked (passes/layers.py)
+                env[c] = consts[c.name]
+
+        def step(i, eqn, env, mags):
             if any(o in an.carries for o in eqn.outputs):
-                outs = _relevance_call(eqn, i, env, an, options, sink, S, magnitudes, psink,
+                outs = _relevance_call(eqn, i, env, an, options, sink, S, mags, psink,
                                        eqn_slots.get(i),
                                        fill_col if eqn.op in FILL_OPS else None)
             else:
@@ -395,6 +478,16 @@ def relevance_row(program: Program, an: Analysis, options: Options, consts: dict
                     streams = tuple(s + t for s, t in zip(value.streams, taps[var.name]))
                     value = _Carried(streams[0], streams)
                 env[var] = value
+
+        scan_at = {r.start: r for r in runs}
+        i = 0
+        while i < len(program.eqns):
+            run = scan_at.get(i)
+            if run is not None and _scan_run(run, program, env, consts, magnitudes, step):
+                i = run.stop
+                continue
+            step(i, program.eqns[i], env, magnitudes)
+            i += 1
         probe_values = {v.name: _primal(env[v]) for v in env if v.name in probe_set}
         return tuple(env[v].streams if isinstance(env[v], _Carried) else env[v]
                      for v in program.outputs), probe_values
