@@ -69,13 +69,11 @@ class Explainer:
       None.
     - ``precompute_magnitudes``: ``"auto"`` (default: keep |W| of dense/conv weights when it is
       at most 512 MiB and 1/8 of the free device memory), True (keep it) or False (recompute it
-      in each call); bitwise-equal relevance either way.
-
-    Memory: a CPU torch model's weights are shared, not copied (zero-copy views; a weight
-    changed in place afterwards makes the next call raise :class:`dlbjax.WeightsChangedError`:
-    build a new Explainer after training). A model that will not fit on the device raises
-    :class:`dlbjax.ModelTooLargeError` with the estimate and the options that would make it fit.
-    Long builds log their stages on the ``"dlbjax"`` logger at INFO level.
+      in each call); bitwise-equal relevance either way. A CPU torch model's weights are
+      shared, not copied (zero-copy views): a weight changed in place afterwards makes the next
+      call raise :class:`dlbjax.WeightsChangedError` (build a new Explainer after training); a
+      model that will not fit raises :class:`dlbjax.ModelTooLargeError` with the estimate and
+      the options that would make it fit; build stages are logged on the ``"dlbjax"`` logger.
     - ``max_batch``: most rows per compiled call.
     - ``devices``: the devices to shard rows over (default: all local devices).
     - ``thresholding``: segmentation, the probability above which a pixel is seeded.
