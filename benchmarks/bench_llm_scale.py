@@ -11,10 +11,12 @@ forward (``torch.no_grad``) and repeat / torch. Run by hand:
 
     python benchmarks/bench_llm_scale.py [--hidden 1024] [--intermediate 2816] [--seq 32]
         [--layers 2 4 8 16 32] [--dtype float32|bfloat16] [--repeats 3]
-        [--magnitudes auto|true|false] [--scan]
+        [--magnitudes auto|true|false] [--scan] [--export-all]
 
-``--scan`` passes ``scan_layers=True`` when ``dlbjax.Config`` has that field (another branch adds
-it) and is ignored otherwise.
+``--scan`` passes ``scan_layers=True`` (the default ``"auto"`` scans runs of >= 3 layers);
+``--export-all`` passes ``export_layers="all"`` (torch.export of every layer, as before
+``importers/_repeat.py``). The last line is the issue's depth goal: (Explainer() + first call)
+of the deepest size over that of the shallowest (goal <= 2x for 32 vs 2 layers).
 """
 
 from __future__ import annotations
@@ -54,7 +56,6 @@ def point(args, layers: int) -> dict:
     import transformers as tf
 
     import dlbjax
-    from dlbjax._config import Config
 
     torch.manual_seed(0)
     heads = max(1, args.hidden // 64)
@@ -79,8 +80,10 @@ def point(args, layers: int) -> dict:
     options = {}
     if args.magnitudes != "auto":
         options["precompute_magnitudes"] = args.magnitudes == "true"
-    if args.scan and "scan_layers" in {f.name for f in Config.__dataclass_fields__.values()}:
+    if args.scan:
         options["scan_layers"] = True
+    if args.export_all:
+        options["export_layers"] = "all"
     t0 = time.perf_counter()
     ex = dlbjax.Explainer(model, inp, **options)
     t_build = time.perf_counter() - t0
@@ -104,6 +107,7 @@ def point(args, layers: int) -> dict:
             "ratio_build": (peak_build - base) / gib, "ratio_first": (peak_first - base) / gib,
             "build_s": t_build, "first_s": t_first, "repeat_s": statistics.median(te),
             "torch_s": statistics.median(tt), "mags": bool(ex.plan.mags),
+            "repeated": ex.plan.repeated is not None, "scanned": bool(ex.plan.runs),
             "options": sorted(options), "devices": str(jax.devices()[0])}
 
 
@@ -118,6 +122,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--magnitudes", choices=("auto", "true", "false"), default="auto")
     ap.add_argument("--scan", action="store_true")
+    ap.add_argument("--export-all", action="store_true")
     ap.add_argument("--point", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.point is not None:
@@ -128,17 +133,19 @@ def main():
     print(f"LLaMA-shaped, hidden {args.hidden}, intermediate {args.intermediate}, "
           f"{max(1, args.hidden // 64)} heads ({max(1, args.hidden // 256)} KV), vocab "
           f"{args.vocab}, seq {args.seq}, batch 1, {args.dtype}, precompute_magnitudes="
-          f"{args.magnitudes}{', scan' if args.scan else ''}; one subprocess per size; "
+          f"{args.magnitudes}{', scan_layers=True' if args.scan else ''}"
+          f"{', export_layers=all' if args.export_all else ''}; one subprocess per size; "
           f"memory is peak RSS over the torch-model baseline; times are medians of "
           f"{args.repeats}\n")
     print("| layers | params | weights GiB | +peak GiB after Explainer() | +peak GiB after 1st "
           "call | overhead ratio (1st call) | Explainer() s | 1st call s | repeat ms | "
-          "torch fwd ms | repeat / torch |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "torch fwd ms | repeat / torch | layers exported | scanned |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     passthrough = ["--hidden", str(args.hidden), "--intermediate", str(args.intermediate),
                    "--seq", str(args.seq), "--vocab", str(args.vocab), "--dtype", args.dtype,
                    "--repeats", str(args.repeats), "--magnitudes", args.magnitudes] + \
-        (["--scan"] if args.scan else [])
+        (["--scan"] if args.scan else []) + (["--export-all"] if args.export_all else [])
+    startup = {}
     for layers in args.layers:
         proc = subprocess.run([sys.executable, __file__, "--point", str(layers)] + passthrough,
                               capture_output=True, text=True)
@@ -151,8 +158,14 @@ def main():
               f"{r['build_gib']:.2f} ({r['ratio_build']:.2f}x) | {r['first_gib']:.2f} | "
               f"**{r['ratio_first']:.2f}x** | {r['build_s']:.1f} | {r['first_s']:.1f} | "
               f"{r['repeat_s'] * 1e3:.0f} | {r['torch_s'] * 1e3:.0f} | "
-              f"{r['repeat_s'] / r['torch_s']:.1f}x |"
+              f"{r['repeat_s'] / r['torch_s']:.1f}x | {3 if r['repeated'] else layers} | "
+              f"{'yes' if r['scanned'] else 'no'} |"
               + ("" if r["peak_reset"] else " (peak not reset)"), flush=True)
+        startup[layers] = r["build_s"] + r["first_s"]
+    if len(startup) >= 2:
+        lo, hi = min(startup), max(startup)
+        print(f"\nExplainer() + first call: {hi} layers / {lo} layers = "
+              f"{startup[hi] / startup[lo]:.2f}x (goal <= 2x for 32 vs 2)")
 
 
 if __name__ == "__main__":

@@ -135,6 +135,12 @@ class Config:
       layers), MoE models (router probes), the gradient family, equations that book relevance at
       named constants (``Explanation.constants``), CPU conv weights in the CPU layout, and
       ``relevance_function`` (it takes the per-layer constants).
+    - ``export_layers``: ``"auto"`` (default) or ``"all"``. A torch model whose layers are a
+      ``nn.ModuleList`` of at least 6 structurally identical layers is exported with its first 3
+      layers only and the others written as copies in the IR with their own weights
+      (``importers/_repeat.py``), so ``torch.export`` time stays flat in depth; the result is
+      checked against the model's own forward on the example and the whole model is exported
+      when they differ. ``"all"`` always exports every layer.
     """
 
     mode: Mode = "default"
@@ -170,6 +176,7 @@ class Config:
     high: Any = None
     canonize: Optional[bool] = None
     scan_layers: Any = "auto"
+    export_layers: str = "auto"
 
     def __post_init__(self):
         mode = self.mode
@@ -210,6 +217,8 @@ class Config:
         if self.scan_layers not in ("auto", True, False) or isinstance(self.scan_layers, int) \
                 and not isinstance(self.scan_layers, bool):
             raise ValueError(f"scan_layers must be 'auto', True or False, not {self.scan_layers!r}")
+        if self.export_layers not in ("auto", "all"):
+            raise ValueError(f"export_layers must be 'auto' or 'all', not {self.export_layers!r}")
         if not isinstance(self.task, str) or self.task.lower() not in TASK_ALIASES:
             raise TargetError(f"unknown task {self.task!r}; use one of {sorted(set(TASK_ALIASES))}")
         self._check_method()

@@ -93,6 +93,9 @@ class Explainer:
       ``lax.scan``, so build and first call stay flat in depth), True (>= 2) or False (unrolled).
       Unrolled anyway with ``layers=True``, MoE models, the gradient family and
       ``relevance_function`` (``dlbjax/passes/layers.py``, :class:`dlbjax._config.Config`).
+    - ``export_layers``: ``"auto"`` (default: a stack of >= 6 identical layers is exported
+      with 3 of them and the rest repeated in the IR, checked against the model's own forward)
+      or ``"all"`` (export every layer).
 
     Each option is documented and validated in :class:`dlbjax._config.Config`. Attributes:
     ``config``, ``plan`` (the imported program, analysis, constants: ``dlbjax._plan.Plan``) and
@@ -114,7 +117,8 @@ class Explainer:
                  epsilon: Optional[float] = None, gamma: Optional[float] = None,
                  alpha: Optional[float] = None, beta: Optional[float] = None,
                  stabilizer: Optional[float] = None, low: Any = None, high: Any = None,
-                 canonize: Optional[bool] = None, scan_layers: Any = "auto"):
+                 canonize: Optional[bool] = None, scan_layers: Any = "auto",
+                 export_layers: str = "auto"):
         self.config = Config(
             mode=mode, multiplier=multiplier, task=task, layers=layers, output=output,
             batch_axis=batch_axis, experimental_gating=experimental_gating,
@@ -125,7 +129,7 @@ class Explainer:
             ig_method=ig_method, samples=samples, noise=noise, seed=seed,
             multiply_by_inputs=multiply_by_inputs, epsilon=epsilon, gamma=gamma, alpha=alpha,
             beta=beta, stabilizer=stabilizer, low=low, high=high, canonize=canonize,
-            scan_layers=scan_layers)
+            scan_layers=scan_layers, export_layers=export_layers)
         self._bucketing: Optional[Bucketing] = None
         self.runner: Optional[Runner] = None
         if not is_module(model):

@@ -24,13 +24,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._config import Config
+from ._dtypes import jnp_dtype
 from ._errors import (DtypeError, InputMismatchError, MethodError, NonFiniteError, TargetError,
                       WeightsChangedError)
 from ._tasks import Task, resolve_task
 from .engine.analysis import Analysis, analyze
 from .engine.gradient import check_gradient_method, gradient_row
 from .engine.origins import FILL_OPS, constant_slots
-from .engine.interpret import constants_to_jax, missing_lowerings
+from .engine.interpret import constants_to_jax, evaluate, missing_lowerings
 from .engine.relevance import relevance_row
 from . import importers  # its torch half (bind_inputs, import_bound, ...) loads on first use
 from .importers import bind_jax_inputs, import_jax
@@ -40,7 +41,7 @@ from .composites import resolve
 from .passes.canonize import fold_batch_norm
 from .lowerings.fused import FUSED_OP
 from .passes.fuse import fuse_modules
-from .passes.layers import MIN_COUNT, find_runs
+from .passes.layers import MIN_COUNT, find_runs, stack_weights
 from .passes.magnitudes import MemoryPlan, magnitude_names, plan_memory, precompute_magnitudes
 from .passes.moe import find_moe_layers
 from .passes.precision import resolve_compute_dtype
@@ -99,6 +100,9 @@ class Plan:
     memory: Optional[MemoryPlan] = None  # the memory estimate and the |W| decision
     # runs of identical layers compiled as one lax.scan each (dlbjax/passes/layers.py)
     runs: tuple = ()
+    # (ModuleList path, layers exported, layers in the model) when the model was exported with
+    # its first layers only and the rest repeated in the IR (importers/_repeat.py)
+    repeated: Optional[tuple] = None
 
     def replace(self, config: Config) -> "Plan":
         """The same imported program under other options: re-analysed, its task resolved again, its
@@ -111,7 +115,7 @@ class Plan:
         plan = _derive(config, self.imported if self.imported is not None else self.program,
                        self.input_names, self.row_specs, self.compute_dtype, self.model_name,
                        self.consts)
-        return dataclasses.replace(plan, shared=self.shared)
+        return dataclasses.replace(plan, shared=self.shared, repeated=self.repeated)
 
     def check_weights(self) -> None:
         """Raise :class:`~dlbjax.WeightsChangedError` when a model tensor that ``consts`` shares
@@ -233,19 +237,71 @@ def prepare(model: torch.nn.Module, example_inputs: Any, config: Config) -> Plan
     bound = importers.bind_inputs(model, example_inputs)
     _check_devices(model, bound)
     args, kwargs, _ = _row_slice(bound, config.batch_axis)
+    exported = importers.static_experts_copy(model)
+    row = importers.BoundInputs(args, kwargs, bound.names, [])
+    repeated = None
+    if config.export_layers == "auto":
+        t0 = time.perf_counter()
+        repeated = importers.import_repeated(exported, row)
+        if repeated is not None:
+            _log.info("dlbjax: %s exported with 3 of its %d layers at %s, the rest repeated in "
+                      "the IR, in %.1f s", type(model).__name__, repeated[1][1], repeated[1][0],
+                      time.perf_counter() - t0)
+            plan = _prepared(repeated[0], bound, config, model)
+            if _matches_torch(plan, exported, args, kwargs):
+                path, count = repeated[1]
+                return dataclasses.replace(plan, repeated=(path, importers.REPEAT_KEEP, count))
+            _log.info("dlbjax: the repeated layers differ from %s's own forward on the "
+                      "example: exporting every layer", type(model).__name__)
+            del plan
     t0 = time.perf_counter()
-    program = fuse_modules(importers.import_bound(importers.static_experts_copy(model),
-                                                  importers.BoundInputs(args, kwargs, bound.names,
-                                                                        [])))
+    program = importers.import_bound(exported, row)
     _log.info("dlbjax: %s exported and translated (%d equations, %d constants) in %.1f s",
               type(model).__name__, len(program.eqns), len(program.constants),
               time.perf_counter() - t0)
+    return _prepared(program, bound, config, model)
+
+
+def _prepared(program: Program, bound, config: Config, model) -> Plan:
+    program = fuse_modules(program)
     # callers pass the model's own dtypes; half precision is computed in compute_dtype
     row_specs = tuple((v.name, tuple(v.shape), v.dtype) for v in program.inputs)
     program, compute_dtype = resolve_compute_dtype(program, config.compute_dtype)
     plan = _derive(config, program, tuple(bound.names), row_specs, compute_dtype,
                    type(model).__name__, None)
     return dataclasses.replace(plan, shared=_shared_tensors(model, plan.consts))
+
+
+def _matches_torch(plan: Plan, model, args: tuple, kwargs: dict) -> bool:
+    """Whether a program written with repeated layers computes the model's own outputs on the
+    example row (``importers/_repeat.py``): every output within 1e-3 (half compute: 5e-2) of
+    the largest |value| of torch's eager output. The forward is compiled with the plan's runs
+    of identical layers as scans (its compile time is flat in depth; op-by-op evaluation spent
+    ~1 s per op type warming caches)."""
+    import torch.utils._pytree as pytree  # a torch model is being prepared
+    reference = importers.reference_outputs(model, args, kwargs)
+    program = plan.program
+    if len(reference) != len(program.outputs):
+        return False
+    tensors = [t for t in pytree.tree_leaves((args, kwargs)) if is_tensor(t)]
+    inputs = [jnp.asarray(importers.tensor_to_numpy(t), dtype=jnp_dtype(v.dtype))
+              for t, v in zip(tensors, program.inputs)]
+    runs = plan.runs
+
+    def forward(consts, inputs):  # scanned runs stacked inside the call: compiles flat in depth
+        return evaluate(program, stack_weights(runs, consts)[0], inputs, runs)
+
+    outputs = jax.jit(forward)(plan.consts, inputs)
+    tol = 1e-3 if plan.compute_dtype in (None, "float32", "float64") else 5e-2
+    for got, want in zip(outputs, reference):
+        got = np.asarray(got, dtype=np.float64)
+        want = np.asarray(want, dtype=np.float64)
+        if got.shape != want.shape:
+            return False
+        scale = max(float(np.max(np.abs(want), initial=0.0)), 1e-30)
+        if not float(np.max(np.abs(got - want), initial=0.0)) <= tol * scale:
+            return False
+    return True
 
 
 def _shared_tensors(model, consts: dict) -> tuple:
@@ -356,7 +412,7 @@ def _refuse_fused_batch_norms(program: Program, method: str) -> None:
 
 
 # options that change the imported program itself; Plan.replace refuses them
-REIMPORT_OPTIONS = ("batch_axis", "compute_dtype", "buckets")
+REIMPORT_OPTIONS = ("batch_axis", "compute_dtype", "buckets", "export_layers")
 
 
 def _derive(config: Config, program: Program, input_names: tuple, row_specs: tuple,

@@ -24,7 +24,8 @@ _attach_loops(_Translator)  # scan, while, cond (importers/_jax_loops.py builds 
 TORCH_NAMES = ("import_model", "import_bound", "bind_inputs", "BoundInputs", "export_model",
                "translate", "decomposition_table", "KEEP_WHOLE", "eval_copy", "tensor_to_numpy",
                "torch_dtype_name", "static_experts_copy", "register_substitution",
-               "unregister_substitution", "substitutions", "substituted_copy", "Substitution")
+               "unregister_substitution", "substitutions", "substituted_copy", "Substitution",
+               "import_repeated", "reference_outputs", "REPEAT_KEEP")
 
 __all__ = list(TORCH_NAMES) + ["import_jax", "bind_jax_inputs", "path_name"]
 

@@ -10,11 +10,11 @@ DECODERS = ["llama", "qwen3"]
 ALL = ENCODERS + ["vit"] + DECODERS
 
 
-def tiny(name: str, attn: str = "sdpa", seed: int = 0):
+def tiny(name: str, attn: str = "sdpa", seed: int = 0, layers: int = 2):
     torch.manual_seed(seed)
-    enc = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+    enc = dict(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=64,
                vocab_size=128, max_position_embeddings=64, attn_implementation=attn)
-    dec = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    dec = dict(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                intermediate_size=64, vocab_size=128, max_position_embeddings=64,
                attn_implementation=attn)
     if name == "bert":
@@ -23,7 +23,7 @@ def tiny(name: str, attn: str = "sdpa", seed: int = 0):
         m = tf.RobertaForSequenceClassification(tf.RobertaConfig(num_labels=3, pad_token_id=1, **enc))
     elif name == "distilbert":
         m = tf.DistilBertForSequenceClassification(tf.DistilBertConfig(
-            dim=32, n_layers=2, n_heads=4, hidden_dim=64, vocab_size=128, max_position_embeddings=64,
+            dim=32, n_layers=layers, n_heads=4, hidden_dim=64, vocab_size=128, max_position_embeddings=64,
             num_labels=3, attn_implementation=attn))
     elif name == "albert":
         m = tf.AlbertForSequenceClassification(tf.AlbertConfig(embedding_size=16, num_labels=3, **enc))
@@ -31,7 +31,7 @@ def tiny(name: str, attn: str = "sdpa", seed: int = 0):
         m = tf.ElectraForSequenceClassification(tf.ElectraConfig(embedding_size=16, num_labels=3, **enc))
     elif name == "vit":
         m = tf.ViTForImageClassification(tf.ViTConfig(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+            hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=64,
             image_size=32, patch_size=8, num_labels=3, attn_implementation=attn))
     elif name == "llama":
         m = tf.LlamaForCausalLM(tf.LlamaConfig(**dec))
