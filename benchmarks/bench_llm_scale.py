@@ -139,8 +139,8 @@ def main():
           f"{args.repeats}\n")
     print("| layers | params | weights GiB | +peak GiB after Explainer() | +peak GiB after 1st "
           "call | overhead ratio (1st call) | Explainer() s | 1st call s | repeat ms | "
-          "torch fwd ms | repeat / torch | layers exported | scanned |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "torch fwd ms | repeat / torch | layers exported | scanned | |W| kept |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     passthrough = ["--hidden", str(args.hidden), "--intermediate", str(args.intermediate),
                    "--seq", str(args.seq), "--vocab", str(args.vocab), "--dtype", args.dtype,
                    "--repeats", str(args.repeats), "--magnitudes", args.magnitudes] + \
@@ -159,7 +159,7 @@ def main():
               f"**{r['ratio_first']:.2f}x** | {r['build_s']:.1f} | {r['first_s']:.1f} | "
               f"{r['repeat_s'] * 1e3:.0f} | {r['torch_s'] * 1e3:.0f} | "
               f"{r['repeat_s'] / r['torch_s']:.1f}x | {3 if r['repeated'] else layers} | "
-              f"{'yes' if r['scanned'] else 'no'} |"
+              f"{'yes' if r['scanned'] else 'no'} | {'yes' if r['mags'] else 'no'} |"
               + ("" if r["peak_reset"] else " (peak not reset)"), flush=True)
         startup[layers] = r["build_s"] + r["first_s"]
     if len(startup) >= 2:
