@@ -136,7 +136,7 @@ class Config:
       named constants (``Explanation.constants``), CPU conv weights in the CPU layout, and
       ``relevance_function`` (it takes the per-layer constants).
     - ``export_layers``: ``"auto"`` (default) or ``"all"``. A torch model whose layers are a
-      ``nn.ModuleList`` of at least 6 structurally identical layers is exported with its first 3
+      ``nn.ModuleList`` of at least 8 structurally identical layers is exported with its first 3
       layers only and the others written as copies in the IR with their own weights
       (``importers/_repeat.py``), so ``torch.export`` time stays flat in depth; the result is
       checked against the model's own forward on the example and the whole model is exported

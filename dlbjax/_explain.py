@@ -93,7 +93,7 @@ class Explainer:
       ``lax.scan``, so build and first call stay flat in depth), True (>= 2) or False (unrolled).
       Unrolled anyway with ``layers=True``, MoE models, the gradient family and
       ``relevance_function`` (``dlbjax/passes/layers.py``, :class:`dlbjax._config.Config`).
-    - ``export_layers``: ``"auto"`` (default: a stack of >= 6 identical layers is exported
+    - ``export_layers``: ``"auto"`` (default: a stack of >= 8 identical layers is exported
       with 3 of them and the rest repeated in the IR, checked against the model's own forward)
       or ``"all"`` (export every layer).
 

@@ -41,7 +41,10 @@ from ._translate import tensor_to_numpy
 __all__ = ["find_layer_stack", "truncated_copy", "repeat_layers", "KEEP", "MIN_LAYERS"]
 
 KEEP = 3  # layers exported: layer 0 (reads the embeddings), 1 and 2 (the template)
-MIN_LAYERS = 6  # fewer layers are exported whole (the saving would be small)
+# fewer layers are exported whole: the check of the repeated program (a compiled forward) costs
+# about what exporting 5 more layers does, so below ~8 layers repeating saves nothing
+# (benchmarks/RESULTS.md (k): 3.7 s vs 3.8 s at 8 LLaMA layers of hidden 1024)
+MIN_LAYERS = 8
 _IGNORED_ATTRS = frozenset({"training", "layer_idx"})
 _PLAIN = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
 

@@ -20,9 +20,18 @@ import torch
 
 import dlbjax
 from dlbjax import importers
+from dlbjax.importers import _repeat
 from dlbjax.importers._repeat import find_layer_stack, repeat_layers, truncated_copy
 
 HF = pytest.importorskip("hf_zoo", reason="transformers is needed")
+
+
+@pytest.fixture(autouse=True)
+def six_layers_repeat(monkeypatch, request):
+    """Stacks of 6-7 layers are repeated in these tests (the default threshold is 8 layers,
+    where repeating starts to pay; tested on its own below): smaller models, same code path."""
+    if "default_threshold" not in request.node.name:
+        monkeypatch.setattr(_repeat, "MIN_LAYERS", 6)
 
 
 def _fields(ex):
@@ -139,6 +148,12 @@ def test_a_plain_stack_is_repeated_and_exact():
     full = dlbjax.Explainer(model, X, export_layers="all")
     _same(ex(X), full(X))
     np.testing.assert_allclose(ex(X).prediction, model(X).detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_the_default_threshold_is_eight_layers():
+    assert _repeat.MIN_LAYERS == 8
+    assert find_layer_stack(Stack(n=7).eval()) is None
+    assert find_layer_stack(Stack(n=8).eval()) == ("layers", 8)
 
 
 def test_differing_layers_are_not_a_stack():
