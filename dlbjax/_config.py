@@ -131,7 +131,10 @@ class Config:
       ``dlbjax/passes/layers.py``) are compiled as one ``jax.lax.scan`` over stacked weights, so
       build and first-call time stay flat in depth; results equal the unrolled pass up to float
       rounding. ``"auto"`` scans a run of at least 3 identical blocks, True of at least 2, False
-      never. Unrolled whatever the value: ``layers=True`` (per-layer relevance reads inside the
+      never. The runner stacks a run's weights for the scan when that copy is small (at most
+      512 MiB and 1/8 of the free memory) and otherwise reads each layer's weights in place,
+      holding no copy and recomputing each layer's forward in the relevance pass. Unrolled
+      whatever the value: ``layers=True`` (per-layer relevance reads inside the
       layers), MoE models (router probes), the gradient family, equations that book relevance at
       named constants (``Explanation.constants``), CPU conv weights in the CPU layout, and
       ``relevance_function`` (it takes the per-layer constants).

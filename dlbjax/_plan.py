@@ -41,7 +41,7 @@ from .composites import resolve
 from .passes.canonize import fold_batch_norm
 from .lowerings.fused import FUSED_OP
 from .passes.fuse import fuse_modules
-from .passes.layers import MIN_COUNT, find_runs, stack_weights
+from .passes.layers import MIN_COUNT, find_runs
 from .passes.magnitudes import MemoryPlan, magnitude_names, plan_memory, precompute_magnitudes
 from .passes.moe import find_moe_layers
 from .passes.precision import resolve_compute_dtype
@@ -276,8 +276,8 @@ def _matches_torch(plan: Plan, model, args: tuple, kwargs: dict) -> bool:
     """Whether a program written with repeated layers computes the model's own outputs on the
     example row (``importers/_repeat.py``): every output within 1e-3 (half compute: 5e-2) of
     the largest |value| of torch's eager output. The forward is compiled with the plan's runs
-    of identical layers as scans (its compile time is flat in depth; op-by-op evaluation spent
-    ~1 s per op type warming caches)."""
+    of identical layers as scans reading the weights in place (its compile time is flat in
+    depth; op-by-op evaluation spent ~1 s per op type warming caches)."""
     import torch.utils._pytree as pytree  # a torch model is being prepared
     reference = importers.reference_outputs(model, args, kwargs)
     program = plan.program
@@ -288,8 +288,8 @@ def _matches_torch(plan: Plan, model, args: tuple, kwargs: dict) -> bool:
               for t, v in zip(tensors, program.inputs)]
     runs = plan.runs
 
-    def forward(consts, inputs):  # scanned runs stacked inside the call: compiles flat in depth
-        return evaluate(program, stack_weights(runs, consts)[0], inputs, runs)
+    def forward(consts, inputs):  # runs of identical layers as scans: compiles flat in depth
+        return evaluate(program, consts, inputs, runs)
 
     outputs = jax.jit(forward)(plan.consts, inputs)
     tol = 1e-3 if plan.compute_dtype in (None, "float32", "float64") else 5e-2

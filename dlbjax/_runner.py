@@ -33,7 +33,7 @@ from ._tasks import Seeding
 from .engine.gradient import gradient_row
 from .engine.relevance import RowResult, relevance_row
 from .passes.layers import stack_weights
-from .passes.magnitudes import conv_weight_names, restore_layouts, split_layouts
+from .passes.magnitudes import conv_weight_names, restore_layouts, split_layouts, stack_fits
 
 __all__ = ["Runner", "is_out_of_memory", "ROW_AXIS"]
 
@@ -54,6 +54,7 @@ class Runner:
         self._call_state = None
         self._placement = None
         self.runs: tuple = ()  # the runs scanned (set with the call state)
+        self.scan_in_place = False  # their weights read in place, not stacked (call state)
         self.fn = jax.jit(self._batched)
 
     @property
@@ -104,12 +105,19 @@ class Runner:
                 if all(d.platform == "cpu" for d in self.devices) else []
             consts, mags, laid = split_layouts(plan.consts, plan.mags, names) if names else (
                 plan.consts, plan.mags, None)
-            # runs of identical layers: their weights stacked for one lax.scan each (a run with
-            # a weight in the CPU conv layout stays unrolled)
+            # runs of identical layers: one lax.scan each over their weights stacked, when the
+            # stacked copy is small (stack_fits), else reading each layer's weights in place
+            # (passes/layers.scan_weights: no copy, each layer's forward recomputed in the
+            # relevance pass); a run with a weight in the CPU conv layout stays unrolled
             self.runs = tuple(r for r in plan.runs if not any(
                 v.name in names for _, blocks in r.weights for v in blocks))
             if self.runs:
-                consts, mags = stack_weights(self.runs, consts, mags)
+                nbytes = sum(int(consts[v.name].nbytes) + (int(mags[v.name].nbytes)
+                                                           if v.name in mags else 0)
+                             for r in self.runs for _, blocks in r.weights for v in blocks)
+                self.scan_in_place = not stack_fits(nbytes, self.devices[0])
+                if not self.scan_in_place:
+                    consts, mags = stack_weights(self.runs, consts, mags)
             self._call_state = (consts, mags, laid)
         return self._call_state
 

@@ -12,7 +12,7 @@ from dlbjax._dtypes import jnp_dtype
 from dlbjax._errors import InvalidProgramError, UnsupportedOp, UnsupportedOperationError
 from dlbjax.ir import Program, Var, substitute
 from dlbjax.lowerings import TABLE, call_lowering
-from dlbjax.passes.layers import weight_key
+from dlbjax.passes.layers import scan_weights
 
 __all__ = ["evaluate", "constants_to_jax", "missing_lowerings"]
 
@@ -52,8 +52,8 @@ def evaluate(program: Program, consts: Mapping[str, Any], inputs: Sequence[Any],
     """The program's outputs for ``inputs`` (one array per program input, in order).
 
     ``runs``: runs of identical layers (``dlbjax.passes.layers.find_runs``), each computed as
-    one ``jax.lax.scan`` over its weights stacked in ``consts`` (``stack_weights``); a run
-    whose stacked weights are missing is unrolled."""
+    one ``jax.lax.scan`` over its weights, stacked in ``consts`` (``stack_weights``) or read in
+    place (``scan_weights``)."""
     missing = missing_lowerings(program)
     if missing:
         raise UnsupportedOperationError(missing)
@@ -75,20 +75,23 @@ def evaluate(program: Program, consts: Mapping[str, Any], inputs: Sequence[Any],
     i = 0
     while i < len(program.eqns):
         run = scan_at.get(i)
-        keys = [weight_key(run, tv) for tv, _ in run.weights] if run is not None else None
-        if run is not None and all(k in consts for k in keys):
+        how = scan_weights(run, consts) if run is not None else None
+        if how is not None:
             template = [program.eqns[j] for j in run.template]
+            xs, pick, in_place = how
 
-            def body(carry, ws, run=run, template=template):
+            def body(carry, x, run=run, template=template, pick=pick):
                 benv = dict(env)
                 benv.update(zip(run.body_in, carry))
-                benv.update(zip((tv for tv, _ in run.weights), ws))
+                benv.update(zip((tv for tv, _ in run.weights), pick(x)[0]))
                 for eqn in template:
                     step(eqn, benv)
                 return tuple(benv[v] for v in run.body_out), None
 
-            final, _ = jax.lax.scan(body, tuple(env[v] for v in run.init),
-                                    [consts[k] for k in keys], length=run.count)
+            if in_place:  # differentiated (gradient of the forward): no per-step weight copies
+                body = jax.checkpoint(body)
+            final, _ = jax.lax.scan(body, tuple(env[v] for v in run.init), xs,
+                                    length=run.count)
             env.update(zip(run.final, final))
             i = run.stop
             continue

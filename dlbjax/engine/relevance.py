@@ -27,7 +27,7 @@ from dlbjax.engine.analysis import Analysis
 from dlbjax.engine.origins import FILL, FILL_OPS, constant_slots
 from dlbjax.ir import Eqn, Program, Var, substitute
 from dlbjax.lowerings import call_lowering
-from dlbjax.passes.layers import weight_key
+from dlbjax.passes.layers import scan_weights
 from dlbjax.rules import PER_STREAM, GateSpec, Options, RuleContext, RuleResult, get_rule
 
 __all__ = ["RowResult", "relevance_row"]
@@ -358,17 +358,17 @@ def _scan_run(run, program: Program, env: dict, consts, magnitudes, step) -> boo
     block 1's equations through ``step(i, eqn, env, magnitudes)``; writes the last block's carry
     outputs into ``env``. Returns False (nothing done: the caller unrolls) when the carried
     values' kinds differ between the run's input and a block's output, known only now."""
-    stacked = _run_weights(run, consts, magnitudes)
-    if stacked is None:
+    how = scan_weights(run, consts, magnitudes)
+    if how is None:
         return False
-    w_stack, m_stack = stacked
+    xs, pick, in_place = how
     packed = [_pack(env[v]) for v in run.init]
     kinds = tuple(k for k, _ in packed)
     template = [(i, program.eqns[i]) for i in run.template]
     outer = dict(env)
 
-    def body(carry, xs):
-        ws, ms = xs
+    def body(carry, x):
+        ws, ms = pick(x)
         benv = dict(outer)
         for v, kind, tree in zip(run.body_in, kinds, carry):
             benv[v] = _unpack(kind, tree)
@@ -386,8 +386,10 @@ def _scan_run(run, program: Program, env: dict, consts, magnitudes, step) -> boo
         return tuple(t for _, t in out), None
 
     try:
-        final, _ = jax.lax.scan(body, tuple(t for _, t in packed), (w_stack, m_stack),
-                                length=run.count)
+        # weights read in place: the VJP recomputes each block rather than saving the weights
+        # it picked at every step (scan_weights)
+        final, _ = jax.lax.scan(jax.checkpoint(body) if in_place else body,
+                                tuple(t for _, t in packed), xs, length=run.count)
     except _KindMismatch:
         return False
     for v, kind, tree in zip(run.final, kinds, final):
@@ -397,16 +399,6 @@ def _scan_run(run, program: Program, env: dict, consts, magnitudes, step) -> boo
 
 class _KindMismatch(Exception):
     pass
-
-
-def _run_weights(run, consts, magnitudes):
-    """(stacked weights, stacked |W| or None each) of a run from the constants
-    (``stack_weights``' keys); None when they are not there."""
-    keys = [weight_key(run, tv) for tv, _ in run.weights]
-    if any(k not in consts for k in keys):
-        return None
-    mags = magnitudes or {}
-    return [consts[k] for k in keys], [mags.get(k) for k in keys]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -422,8 +414,8 @@ def relevance_row(program: Program, an: Analysis, options: Options, consts: dict
     array per stream) from the explained output's value. Returns a :class:`RowResult`; with
     ``layers`` its ``layers`` hold the relevance at every relevance-carrying intermediate
     variable. ``runs``: runs of identical layers (``dlbjax.passes.layers``) computed as one
-    ``lax.scan`` each, their weights stacked in ``consts`` (``stack_weights``); not combined
-    with ``layers``/``taps``/``probes`` inside a run (the caller leaves ``runs`` empty then).
+    ``lax.scan`` each, their weights stacked in ``consts`` (``stack_weights``) or read in
+    place (``scan_weights``); not combined with ``layers``/``taps``/``probes`` inside a run (the caller leaves ``runs`` empty then).
     """
     S = 2 if options.contrastive else 1
     if layers or taps or probes:

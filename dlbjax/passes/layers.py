@@ -16,8 +16,9 @@ each run of ``count >= min_count`` consecutive blocks of ``period`` equations su
 * nothing computed inside the run is read after it except the last block's carry slots.
 
 A period of several layers (alternating sliding/full attention) is found as a longer period.
-The engine lowers each :class:`Run` as one ``jax.lax.scan`` over stacked weights
-(:func:`stack_weights`), in the forward (``engine/interpret.py``) and in the relevance pass
+The engine lowers each :class:`Run` as one ``jax.lax.scan`` over its weights, stacked
+(:func:`stack_weights`, when the copy is small) or read in place (:func:`scan_weights`), in the
+forward (``engine/interpret.py``) and in the relevance pass
 (``engine/relevance.py``, where scan's own transpose carries relevance back through the
 custom_vjp-wrapped rules of the body). ``barriers`` are equation indices that must stay unrolled
 (equations whose rules book relevance at named constants, ``engine/origins.py``).
@@ -28,11 +29,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import jax
 import jax.numpy as jnp
 
 from dlbjax.ir import Eqn, Program, Var
 
-__all__ = ["Run", "find_runs", "stack_weights", "weight_key", "MIN_COUNT"]
+__all__ = ["Run", "find_runs", "stack_weights", "weight_key", "scan_weights", "MIN_COUNT"]
 
 MIN_COUNT = 3  # scan_layers="auto": fewer identical blocks are not worth a scan
 _CHECKS = 2000  # most dataflow checks of candidate runs per program (each is linear in it)
@@ -86,6 +88,43 @@ def stack_weights(runs, consts: dict, mags: Optional[dict] = None):
             if all(v.name in mags for v in blocks):
                 mags[key] = jnp.stack([mags.pop(v.name) for v in blocks])
     return consts, mags
+
+
+def scan_weights(run: Run, consts, mags: Optional[dict] = None):
+    """How a scan over ``run`` reads its weights: ``(xs, pick, in_place)``, or None when the
+    constants hold neither form. ``pick(x)`` gives the body's (weights, |W| or None) per stacked
+    constant of ``run.weights``, from the scanned slice ``x``.
+
+    * Stacked (:func:`stack_weights` was applied): ``xs`` are the stacked arrays, sliced by scan.
+    * In place (the per-block constants, as imported): ``xs`` is the block index and ``pick``
+      selects block i's arrays with ``lax.switch``, so no stacked copy of the weights exists,
+      neither held nor inside the call. The caller wraps the body in ``jax.checkpoint`` then:
+      otherwise the VJP would save the picked weights of every step as residuals (a stacked copy
+      again); with it the backward pass recomputes the block's forward
+      (``benchmarks/bench_scan_weights.py``, RESULTS (l))."""
+    mags = mags or {}
+    keys = [weight_key(run, tv) for tv, _ in run.weights]
+    if all(k in consts for k in keys):
+        return ([consts[k] for k in keys], [mags.get(k) for k in keys]), (lambda x: x), False
+    blocks = [vs for _, vs in run.weights]
+    if not all(v.name in consts for vs in blocks for v in vs):
+        return None
+    with_m = [j for j, vs in enumerate(blocks) if all(v.name in mags for v in vs)]
+
+    def branch(k):
+        return (tuple(consts[vs[k].name] for vs in blocks),
+                tuple(mags[blocks[j][k].name] for j in with_m))
+
+    branches = [lambda k=k: branch(k) for k in range(run.count)]
+
+    def pick(i):
+        ws, ms = jax.lax.switch(i, branches)
+        full = [None] * len(blocks)
+        for j, m in zip(with_m, ms):
+            full[j] = m
+        return list(ws), full
+
+    return jnp.arange(run.count), pick, True
 
 
 # ------------------------------------------------------------------------------------------------

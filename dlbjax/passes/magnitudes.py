@@ -138,6 +138,18 @@ class MemoryPlan:
         return self.weights + (self.magnitudes if self.keep_magnitudes else 0) + self.activations
 
 
+def stack_fits(nbytes: int, device=None) -> bool:
+    """Whether a scan's stacked copy of its layers' weights (``nbytes``) is cheap enough to keep
+    (``dlbjax/passes/layers.py``: ``stack_weights``): the same cap as kept |W|, at most
+    AUTO_MAGNITUDE_BYTES and AUTO_MAGNITUDE_FRACTION of the free memory. Otherwise the scan
+    reads each layer's weights in place (``scan_weights``), holding no copy, at the price of
+    recomputing each layer's forward in the relevance pass."""
+    available = available_bytes(device)
+    cap = AUTO_MAGNITUDE_BYTES if available is None else \
+        min(AUTO_MAGNITUDE_BYTES, int(available * AUTO_MAGNITUDE_FRACTION))
+    return nbytes <= cap
+
+
 def plan_memory(program: Program, mag_names: list, precompute: Union[bool, str],
                 max_batch: Optional[int], device=None, place_weights: bool = True,
                 compute_dtype: Optional[str] = None) -> MemoryPlan:
