@@ -242,13 +242,24 @@ def prepare(model: torch.nn.Module, example_inputs: Any, config: Config) -> Plan
     repeated = None
     if config.export_layers == "auto":
         t0 = time.perf_counter()
-        repeated = importers.import_repeated(exported, row)
+        try:
+            repeated = importers.import_repeated(exported, row)
+        except Exception as exc:  # noqa: BLE001 (the truncated copy did not export: try it whole)
+            _log.info("dlbjax: exporting 3 layers failed (%s: %s); exporting every layer",
+                      type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            repeated = None
         if repeated is not None:
             _log.info("dlbjax: %s exported with 3 of its %d layers at %s, the rest repeated in "
                       "the IR, in %.1f s", type(model).__name__, repeated[1][1], repeated[1][0],
                       time.perf_counter() - t0)
             plan = _prepared(repeated[0], bound, config, model)
-            if _matches_torch(plan, exported, args, kwargs):
+            try:
+                same = _matches_torch(plan, exported, args, kwargs)
+            except Exception as exc:  # noqa: BLE001 (any failure: export every layer instead)
+                _log.info("dlbjax: checking the repeated layers failed (%s: %s)",
+                          type(exc).__name__, exc)
+                same = False
+            if same:
                 path, count = repeated[1]
                 return dataclasses.replace(plan, repeated=(path, importers.REPEAT_KEEP, count))
             _log.info("dlbjax: the repeated layers differ from %s's own forward on the "

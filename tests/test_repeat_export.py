@@ -183,6 +183,21 @@ def test_a_later_layer_treated_differently_is_caught_numerically():
     _same(ex(X), dlbjax.Explainer(model, X, export_layers="all")(X))
 
 
+class Counted(Stack):
+    """A parent that insists on all its layers: its 3-layer copy fails to export."""
+
+    def forward(self, x):
+        assert len(self.layers) == 7, "all layers needed"
+        return super().forward(x)
+
+
+def test_a_truncated_copy_that_fails_falls_back():
+    model = Counted().eval()
+    ex = dlbjax.Explainer(model, X)
+    assert ex.plan.repeated is None
+    np.testing.assert_allclose(ex(X).prediction, model(X).detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_export_layers_is_validated_and_needs_a_new_explainer():
     with pytest.raises(ValueError, match="export_layers"):
         dlbjax.Explainer(Stack().eval(), X, export_layers="some")
