@@ -128,7 +128,7 @@ class Config:
       before it (``dlbjax/passes/canonize.py``).
     - ``scan_layers``: ``"auto"`` (default), True or False. Runs of structurally identical layers
       (same equations, shapes, analysis facts and rules; only the weights differ,
-      ``dlbjax/passes/layers.py``) are compiled as one ``jax.lax.scan`` over stacked weights, so
+      ``dlbjax/passes/layers.py``) are compiled as one ``jax.lax.scan`` over their weights, so
       build and first-call time stay flat in depth; results equal the unrolled pass up to float
       rounding. ``"auto"`` scans a run of at least 3 identical blocks, True of at least 2, False
       never. The runner stacks a run's weights for the scan when that copy is small (at most
